@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Mount speed against the native filesystem and bindfs, measured in one run.
+#   sudo bench/mount.sh [--runs N] [--files N]
+# Prints a Markdown table of ratios (higher is better for throughput, lower
+# for times) ready for docs/BENCHMARKS.md. Wants an otherwise idle machine;
+# takes several minutes. Needs fio and bindfs (installed if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=3 dirs=200
+while [ $# -gt 0 ]; do
+  case $1 in
+    --runs) runs=$2; shift 2 ;;
+    --files) dirs=$(( $2 / 500 )); shift 2 ;;
+    *) echo "usage: $0 [--runs N] [--files N]" >&2; exit 2 ;;
+  esac
+done
+for p in fio:fio bindfs:bindfs; do
+  command -v "${p%%:*}" >/dev/null || { apt-get update -qq; apt-get install -y -qq "${p##*:}" >/dev/null; }
+done
+cargo build --release -q
+ferry=$PWD/target/release/ferry
+work=$(mktemp -d /var/tmp/ferry-bench.XXXXXX)
+native=$work/native fsrc=$work/ferry-src fmnt=$work/ferry bsrc=$work/bindfs-src bmnt=$work/bindfs
+mkdir -p "$native" "$fsrc" "$fmnt" "$bsrc" "$bmnt"
+cleanup() {
+  "$ferry" umount "$fmnt" 2>/dev/null || umount -l "$fmnt" 2>/dev/null || true
+  fusermount3 -u "$bmnt" 2>/dev/null || umount -l "$bmnt" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+"$ferry" mount "$fsrc" "$fmnt" --state "$work/state" --background >/dev/null
+bindfs "$bsrc" "$bmnt"
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+fio_bw() { # dir rw [extra...] -> KiB/s
+  local dir=$1 rw=$2; shift 2
+  local key=write; [ "$rw" = read ] && key=read
+  fio --name=b --directory="$dir" --rw="$rw" --bs=1M --size=1G --end_fsync=1 --fallocate=none "$@" \
+      --output-format=json 2>/dev/null | python3 -c "import json,sys; print(json.load(sys.stdin)['jobs'][0]['$key']['bw'])"
+}
+seconds() { local s; s=$(date +%s.%N); "$@" >/dev/null 2>&1; python3 -c "import time; print(time.time() - $s)"; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+
+declare -A res
+for target in native ferry bindfs; do
+  case $target in native) d=$native ;; ferry) d=$fmnt ;; bindfs) d=$bmnt ;; esac
+  w=() o=() r=()
+  for _ in $(seq "$runs"); do
+    w+=("$(fio_bw "$d" write)")
+    o+=("$(fio_bw "$d" write --overwrite=1)")
+    drop_caches
+    r+=("$(fio_bw "$d" read)")
+    rm -f "$d"/b.*
+  done
+  res[$target.write]=$(median "${w[@]}") res[$target.overwrite]=$(median "${o[@]}") res[$target.read]=$(median "${r[@]}")
+done
+
+# A tree of small files, as a tar.
+python3 - "$work/tree" "$dirs" <<'PY'
+import os, sys, random
+random.seed(7); root, dirs = sys.argv[1], int(sys.argv[2])
+for d in range(dirs):
+    for s in range(10):
+        p = f"{root}/d{d:03d}/s{s}"; os.makedirs(p)
+        for f in range(50):
+            with open(f"{p}/f{f}", "wb") as fh: fh.write(os.urandom(random.randint(100, 8000)))
+PY
+tar cf "$work/tree.tar" -C "$work/tree" . && rm -rf "$work/tree"
+for target in native ferry bindfs; do
+  case $target in native) d=$native ;; ferry) d=$fmnt ;; bindfs) d=$bmnt ;; esac
+  drop_caches
+  res[$target.untar]=$(seconds tar xf "$work/tree.tar" -C "$d")
+  drop_caches
+  res[$target.find]=$(seconds find "$d" -size +1k)
+done
+
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
+echo "Machine: $(nproc) cores ($cpu), $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r), $(df -T "$work" | awk 'NR==2{print $2}') under $work; $runs runs (median); $((dirs * 500)) files in the tree."
+echo
+echo "| measure | native | ferry | ferry / native | bindfs | bindfs / native |"
+echo "|---|---|---|---|---|---|"
+for m in write overwrite read; do
+  n=${res[native.$m]} f=${res[ferry.$m]} b=${res[bindfs.$m]}
+  printf '| %s (MiB/s) | %.0f | %.0f | %s | %.0f | %s |\n' "$m" "$(python3 -c "print($n/1024)")" "$(python3 -c "print($f/1024)")" "$(ratio "$f" "$n")" "$(python3 -c "print($b/1024)")" "$(ratio "$b" "$n")"
+done
+for m in untar find; do
+  n=${res[native.$m]} f=${res[ferry.$m]} b=${res[bindfs.$m]}
+  printf '| %s (s) | %.2f | %.2f | %s | %.2f | %s |\n' "$m" "$n" "$f" "$(ratio "$f" "$n")" "$b" "$(ratio "$b" "$n")"
+done

@@ -1,0 +1,194 @@
+//! The redb index: a checkpoint of the inode/path table plus the journal's
+//! metadata (which source it belongs to, whether the last session closed
+//! cleanly, the checkpoint's sequence number, the next FileId).
+//!
+//! The index is never ahead of the durable log (the writer fdatasyncs the log
+//! before each checkpoint), so recovery is "load the checkpoint, replay the
+//! log after it". Only the writer thread writes it once the journal is open.
+
+use std::collections::HashSet;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::error::JournalError;
+use crate::id::{FileId, Seq};
+use crate::table::{Entry, Table};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const FILES: TableDefinition<u64, &[u8]> = TableDefinition::new("files");
+
+const FORMAT: u32 = 1;
+const K_FORMAT: &str = "format";
+const K_SOURCE: &str = "source";
+const K_SESSION: &str = "session";
+const K_SEQ: &str = "checkpoint_seq";
+const K_NEXT_ID: &str = "next_id";
+const K_BASELINE: &str = "baseline_done";
+
+/// The index's metadata as read at open.
+#[derive(Debug, Default)]
+pub(crate) struct Meta {
+    /// The canonical source path; `None` for a new index.
+    pub source: Option<PathBuf>,
+    /// The last session ended with `close`.
+    pub clean: bool,
+    pub checkpoint_seq: u64,
+    pub next_id: u64,
+    /// The first scan of the source finished and its records are durable.
+    pub baseline_done: bool,
+}
+
+pub(crate) struct Index {
+    db: Database,
+    path: PathBuf,
+}
+
+fn u64_of(v: &[u8]) -> u64 {
+    v.try_into().map(u64::from_le_bytes).unwrap_or(0)
+}
+
+impl Index {
+    pub fn open(path: &Path) -> Result<Index, JournalError> {
+        let db = Database::create(path).map_err(|e| JournalError::index(path, "open", e))?;
+        Ok(Index {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, context: &'static str) -> impl Fn(redb::Error) -> JournalError + '_ {
+        move |e| JournalError::Index {
+            path: self.path.clone(),
+            context,
+            source: Box::new(e),
+        }
+    }
+
+    pub fn meta(&self) -> Result<Meta, JournalError> {
+        let e = self.err("read metadata");
+        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let table = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Meta::default()),
+            Err(x) => return Err(e(x.into())),
+        };
+        let get = |k: &str| -> Result<Option<Vec<u8>>, JournalError> {
+            Ok(table
+                .get(k)
+                .map_err(|x| e(x.into()))?
+                .map(|v| v.value().to_vec()))
+        };
+        if let Some(v) = get(K_FORMAT)? {
+            let version = v
+                .as_slice()
+                .try_into()
+                .map(u32::from_le_bytes)
+                .unwrap_or(u32::MAX);
+            if version != FORMAT {
+                return Err(JournalError::Version {
+                    path: self.path.clone(),
+                    version,
+                });
+            }
+        }
+        Ok(Meta {
+            source: get(K_SOURCE)?.map(|v| PathBuf::from(std::ffi::OsString::from_vec(v))),
+            clean: get(K_SESSION)?.as_deref() == Some(b"clean"),
+            checkpoint_seq: get(K_SEQ)?.map(|v| u64_of(&v)).unwrap_or(0),
+            next_id: get(K_NEXT_ID)?.map(|v| u64_of(&v)).unwrap_or(0),
+            baseline_done: get(K_BASELINE)?.is_some(),
+        })
+    }
+
+    /// Loads the checkpointed table.
+    pub fn load_table(&self, meta: &Meta) -> Result<Table, JournalError> {
+        let e = self.err("load table");
+        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let table = match txn.open_table(FILES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Table::new()),
+            Err(x) => return Err(e(x.into())),
+        };
+        let mut entries = Vec::new();
+        for row in table.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let entry: Entry =
+                postcard::from_bytes(v.value()).map_err(|x| JournalError::Corrupt {
+                    path: self.path.clone(),
+                    offset: 0,
+                    reason: format!("table entry {} undecodable: {x}", FileId(k.value())),
+                })?;
+            entries.push((FileId(k.value()), entry));
+        }
+        Ok(Table::from_parts(
+            entries,
+            meta.next_id,
+            Seq(meta.checkpoint_seq),
+        ))
+    }
+
+    /// Marks a session open (so that a crash is detected at the next open)
+    /// and records the source the journal belongs to.
+    pub fn begin_session(&self, source: &Path) -> Result<(), JournalError> {
+        let e = self.err("begin session");
+        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            let mut m = txn.open_table(META).map_err(|x| e(x.into()))?;
+            m.insert(K_FORMAT, FORMAT.to_le_bytes().as_slice())
+                .map_err(|x| e(x.into()))?;
+            m.insert(K_SOURCE, source.as_os_str().as_bytes())
+                .map_err(|x| e(x.into()))?;
+            m.insert(K_SESSION, b"open".as_slice())
+                .map_err(|x| e(x.into()))?;
+        }
+        txn.commit().map_err(|x| e(x.into()))
+    }
+
+    /// Writes the entries of `changed` (or removes those no longer in the
+    /// table) and the checkpoint's sequence number, in one transaction.
+    pub fn checkpoint(
+        &self,
+        table: &Table,
+        changed: &HashSet<FileId>,
+        baseline_done: bool,
+        clean: bool,
+    ) -> Result<(), JournalError> {
+        let e = self.err("checkpoint");
+        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            let mut files = txn.open_table(FILES).map_err(|x| e(x.into()))?;
+            let mut buf = Vec::new();
+            for id in changed {
+                match table.get(*id) {
+                    Some(entry) => {
+                        buf.clear();
+                        buf = postcard::to_extend(entry, buf)
+                            .expect("postcard encodes into a Vec without failing");
+                        files
+                            .insert(id.0, buf.as_slice())
+                            .map_err(|x| e(x.into()))?;
+                    }
+                    None => {
+                        files.remove(id.0).map_err(|x| e(x.into()))?;
+                    }
+                }
+            }
+            let mut m = txn.open_table(META).map_err(|x| e(x.into()))?;
+            m.insert(K_SEQ, table.last_seq().0.to_le_bytes().as_slice())
+                .map_err(|x| e(x.into()))?;
+            m.insert(K_NEXT_ID, table.next_id().to_le_bytes().as_slice())
+                .map_err(|x| e(x.into()))?;
+            if baseline_done {
+                m.insert(K_BASELINE, b"1".as_slice())
+                    .map_err(|x| e(x.into()))?;
+            }
+            if clean {
+                m.insert(K_SESSION, b"clean".as_slice())
+                    .map_err(|x| e(x.into()))?;
+            }
+        }
+        txn.commit().map_err(|x| e(x.into()))
+    }
+}

@@ -1,0 +1,89 @@
+//! Command-line flags, parsed into plain structs.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Replicates live directory trees from a journaling FUSE mount"
+)]
+pub struct Cli {
+    /// More detail on stderr (-v info, -vv debug, -vvv trace); FERRY_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mount SOURCE at MOUNTPOINT through the journaling filesystem.
+    Mount(MountArgs),
+    /// Unmount a ferry mount (cleanly, also while files are open).
+    Umount(UmountArgs),
+    /// Print the journal's records.
+    Log(LogArgs),
+    /// Print the state of a mount and its journal.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// The directory whose tree is served and journaled.
+    pub source: PathBuf,
+    /// Where to mount it.
+    pub mountpoint: PathBuf,
+    /// Where the journal lives; must be outside SOURCE and MOUNTPOINT.
+    /// Default: /var/lib/ferry/<source path, escaped>.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Return once the mount is ready, leaving it served in the background.
+    #[arg(long)]
+    pub background: bool,
+    /// Scan SOURCE against the journal at start, to record changes made
+    /// behind the mount's back (always done after an unclean stop).
+    #[arg(long)]
+    pub reconcile: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    pub mountpoint: PathBuf,
+}
+
+/// Names a journal: a live mount, or a state directory.
+#[derive(Args, Debug)]
+pub struct JournalArgs {
+    /// A ferry mountpoint.
+    #[arg(required_unless_present = "state", conflicts_with = "state")]
+    pub mountpoint: Option<PathBuf>,
+    /// A state directory, mounted or not.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct LogArgs {
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    /// One JSON object per record.
+    #[arg(long)]
+    pub json: bool,
+    /// Include the inventory records of the first scan ("exists").
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,19 @@
+//! One module per command.
+
+mod journal_view;
+mod mount;
+mod umount;
+
+use std::process::ExitCode;
+
+use crate::cli::Command;
+
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Mount(args) => mount::run(args),
+        Command::Umount(args) => umount::run(args),
+        Command::Log(args) => journal_view::log(args),
+        Command::Status(args) => journal_view::status(args),
+    }
+    .map(|()| ExitCode::SUCCESS)
+}

@@ -1,0 +1,16 @@
+//! ferry's integration tests: one binary that drives the real `ferry`
+//! command and real FUSE mounts in unique temp directories. Needs root and
+//! /dev/fuse.
+//!
+//! - `differential`: generated operation sequences on a mount and on a native
+//!   directory give the same results, and the journal describes them;
+//! - `crash`: kill -9 during writes, then recovery misses nothing;
+//! - `bad_input`: refused mounts leave nothing behind;
+//! - `mount`: life cycle, inode numbers, single-operation journal records.
+
+mod bad_input;
+mod crash;
+mod differential;
+mod mount;
+mod ops;
+mod util;

@@ -1,0 +1,444 @@
+//! The mount's life cycle (unmount with open files, clean stops, status),
+//! inode numbers, and what the journal records for single operations.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::util::{
+    RecordExt, TestMount, check_namespace, ferry, is_mountpoint, process_gone, replay_namespace,
+};
+
+fn path_of(r: &Value) -> &str {
+    r.str_field("path").unwrap_or("").trim_start_matches('/')
+}
+
+fn records_for<'a>(records: &'a [Value], path: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| path_of(r) == path).collect()
+}
+
+#[test]
+fn umount_succeeds_while_files_are_open() {
+    let tm =
+        TestMount::with_source(|s| std::fs::write(s.join("existing"), b"old content").unwrap());
+    let pid = tm.pid();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(
+        exe.file_name(),
+        Some(OsStr::new("ferry")),
+        "mount.pid does not name a ferry process"
+    );
+
+    let writer = std::fs::File::create(tm.mnt.join("open-for-write")).unwrap();
+    writer.write_all_at(b"hello", 0).unwrap();
+    writer.sync_all().unwrap();
+    let reader = std::fs::File::open(tm.mnt.join("existing")).unwrap();
+    let mut buf = [0u8; 3];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    let dir = std::fs::read_dir(&tm.mnt).unwrap();
+
+    let out = ferry([OsStr::new("umount"), tm.mnt.as_os_str()]);
+    assert!(out.ok(), "ferry umount with open files failed: {out:#?}");
+    assert!(
+        !is_mountpoint(&tm.mnt),
+        "still a mountpoint after ferry umount"
+    );
+    assert!(
+        process_gone(pid),
+        "ferry umount returned before the mount process {pid} exited"
+    );
+    assert_eq!(
+        std::fs::read(tm.source.join("open-for-write")).unwrap(),
+        b"hello"
+    );
+    drop((writer, reader, dir));
+
+    // The journal was closed cleanly: the session ends with mount-stop.
+    let log = tm.log(false);
+    assert_eq!(
+        log.last().map(|r| r.op()),
+        Some("mount-stop"),
+        "journal: {log:?}"
+    );
+}
+
+#[test]
+fn st_ino_through_the_mount_is_the_sources_and_hard_links_share_it() {
+    let tm = TestMount::with_source(|s| {
+        std::fs::create_dir(s.join("dir")).unwrap();
+        std::fs::write(s.join("dir/file"), b"x").unwrap();
+        std::fs::hard_link(s.join("dir/file"), s.join("link")).unwrap();
+        std::os::unix::fs::symlink("dir/file", s.join("sym")).unwrap();
+        let fifo = crate::util::cstr(&s.join("fifo"));
+        // SAFETY: valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    });
+    crate::differential::check_inodes(&tm.mnt, &tm.source).unwrap();
+    let ino = |p: &Path| std::fs::symlink_metadata(p).unwrap().ino();
+    assert_eq!(ino(&tm.mnt.join("dir/file")), ino(&tm.mnt.join("link")));
+    assert_eq!(std::fs::metadata(tm.mnt.join("link")).unwrap().nlink(), 2);
+
+    // A hard link made through the mount, and readdir's d_ino.
+    std::fs::hard_link(tm.mnt.join("link"), tm.mnt.join("dir/third")).unwrap();
+    assert_eq!(
+        ino(&tm.mnt.join("dir/third")),
+        ino(&tm.source.join("dir/file"))
+    );
+    assert_eq!(
+        std::fs::metadata(tm.mnt.join("dir/file")).unwrap().nlink(),
+        3
+    );
+    for entry in std::fs::read_dir(tm.mnt.join("dir")).unwrap() {
+        let entry = entry.unwrap();
+        use std::os::unix::fs::DirEntryExt;
+        assert_eq!(
+            entry.ino(),
+            ino(&tm.source.join("dir").join(entry.file_name())),
+            "d_ino of {:?}",
+            entry.file_name()
+        );
+    }
+    // The root too.
+    assert_eq!(
+        ino(&tm.mnt),
+        ino(&tm.source),
+        "st_ino of the mount root vs SOURCE"
+    );
+}
+
+#[test]
+fn in_place_write_is_recorded_as_dirty_then_its_ranges() {
+    let tm = TestMount::with_source(|s| std::fs::write(s.join("f"), vec![7u8; 10_000]).unwrap());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(tm.mnt.join("f"))
+        .unwrap();
+    f.write_all_at(&[1u8; 100], 4000).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    // Read while mounted: after fsync and close the ranges are in the log.
+    let log = tm.log_via_mount();
+    let mine = records_for(&log, "f");
+    let dirty = mine
+        .iter()
+        .position(|r| r.op() == "dirty")
+        .unwrap_or_else(|| panic!("no dirty record for f: {log:?}"));
+    let write = mine
+        .iter()
+        .rposition(|r| r.op() == "write")
+        .unwrap_or_else(|| panic!("no write record for f: {log:?}"));
+    assert!(
+        dirty < write,
+        "dirty must precede the write ranges: {mine:?}"
+    );
+    let ranges: Vec<(u64, u64)> = mine
+        .iter()
+        .filter(|r| r.op() == "write")
+        .flat_map(|r| r.ranges())
+        .collect();
+    assert!(
+        (4000..4100).all(|o| ranges.iter().any(|&(off, len)| o >= off && o < off + len)),
+        "the ranges {ranges:?} do not cover the write [4000, 4100)"
+    );
+    assert!(
+        ranges.iter().all(|&(off, len)| off + len <= 10_000),
+        "ranges beyond the file: {ranges:?}"
+    );
+    assert!(
+        !mine
+            .iter()
+            .any(|r| matches!(r.op(), "rewritten" | "truncate")),
+        "an in-place write must not be recorded as a rewrite: {mine:?}"
+    );
+    assert!(
+        mine.iter().all(|r| r.id() == mine[0].id()),
+        "one file, one FileId: {mine:?}"
+    );
+}
+
+#[test]
+fn truncating_open_is_recorded_as_rewritten() {
+    let tm = TestMount::with_source(|s| std::fs::write(s.join("f"), vec![7u8; 10_000]).unwrap());
+    std::fs::write(tm.mnt.join("f"), b"new").unwrap();
+    std::fs::write(tm.mnt.join("new"), b"fresh").unwrap();
+    tm.umount();
+    let log = tm.log(false);
+    assert!(
+        records_for(&log, "f").iter().any(|r| r.op() == "rewritten"),
+        "no rewritten record for f: {log:?}"
+    );
+    assert!(
+        records_for(&log, "new")
+            .iter()
+            .any(|r| r.op() == "create" && r.str_field("kind") == Some("file")),
+        "no create record for new: {log:?}"
+    );
+    assert_eq!(std::fs::read(tm.source.join("f")).unwrap(), b"new");
+}
+
+#[test]
+fn shared_mmap_writes_are_journaled() {
+    let tm = TestMount::with_source(|s| std::fs::write(s.join("m"), vec![0u8; 8192]).unwrap());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tm.mnt.join("m"))
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: mapping 8192 bytes of an open 8192-byte file; unmapped below.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap through the mount: {}",
+            std::io::Error::last_os_error()
+        );
+        std::ptr::write_bytes((p as *mut u8).add(5000), 9, 10);
+        assert_eq!(libc::msync(p, 8192, libc::MS_SYNC), 0);
+        libc::munmap(p, 8192);
+    }
+    drop(file);
+    tm.umount();
+    assert_eq!(
+        &std::fs::read(tm.source.join("m")).unwrap()[5000..5010],
+        &[9u8; 10]
+    );
+    let log = tm.log(false);
+    let mine = records_for(&log, "m");
+    let covered = mine.iter().any(|r| r.op() == "rewritten")
+        || mine
+            .iter()
+            .filter(|r| r.op() == "write")
+            .flat_map(|r| r.ranges())
+            .any(|(o, l)| o <= 5000 && o + l >= 5010);
+    assert!(
+        covered,
+        "the shared-mmap write is not in the journal: {mine:?}"
+    );
+}
+
+#[test]
+fn renaming_a_directory_is_one_rename_and_keeps_the_children_ids() {
+    let tm = TestMount::with_source(|s| {
+        std::fs::create_dir(s.join("big")).unwrap();
+        for i in 0..50 {
+            std::fs::write(s.join(format!("big/f{i}")), [i as u8]).unwrap();
+        }
+    });
+    std::fs::rename(tm.mnt.join("big"), tm.mnt.join("moved")).unwrap();
+    tm.umount();
+    let all = tm.log(true);
+    let renames: Vec<&Value> = all.iter().filter(|r| r.op() == "rename").collect();
+    assert!(
+        renames
+            .iter()
+            .any(
+                |r| r.str_field("from").map(|p| p.trim_start_matches('/')) == Some("big")
+                    && r.str_field("to").map(|p| p.trim_start_matches('/')) == Some("moved")
+            ),
+        "no rename big -> moved: {renames:?}"
+    );
+    assert!(
+        !all.iter()
+            .any(|r| matches!(r.op(), "create" | "unlink" | "rmdir")),
+        "a rename must not be journaled as delete + create: {all:?}"
+    );
+    let model = replay_namespace(&all).unwrap();
+    check_namespace(&model, &tm.source).unwrap();
+    let exists_id = all
+        .iter()
+        .find(|r| r.op() == "exists" && path_of(r) == "big/f7")
+        .and_then(|r| r.id());
+    assert_eq!(
+        model.get("moved/f7").copied(),
+        exists_id,
+        "the child kept its FileId across the rename"
+    );
+}
+
+#[test]
+fn hard_links_share_one_file_id_in_the_journal() {
+    let tm = TestMount::new();
+    std::fs::write(tm.mnt.join("f"), b"x").unwrap();
+    std::fs::create_dir(tm.mnt.join("d")).unwrap();
+    std::fs::hard_link(tm.mnt.join("f"), tm.mnt.join("d/g")).unwrap();
+    std::fs::remove_file(tm.mnt.join("f")).unwrap();
+    tm.umount();
+    let log = tm.log(false);
+    let created = log
+        .iter()
+        .find(|r| r.op() == "create" && path_of(r) == "f")
+        .and_then(|r| r.id());
+    let linked = log
+        .iter()
+        .find(|r| r.op() == "link" && path_of(r) == "d/g")
+        .and_then(|r| r.id());
+    assert!(
+        created.is_some() && created == linked,
+        "link record must carry the file's id: {log:?}"
+    );
+    let unlinked = log
+        .iter()
+        .find(|r| r.op() == "unlink" && path_of(r) == "f")
+        .and_then(|r| r.id());
+    assert_eq!(unlinked, created, "{log:?}");
+    check_namespace(&replay_namespace(&tm.log(true)).unwrap(), &tm.source).unwrap();
+}
+
+#[test]
+fn clean_stops_need_no_recovery_and_sequence_numbers_have_no_gaps() {
+    let tm = TestMount::new();
+    std::fs::write(tm.mnt.join("one"), b"1").unwrap();
+    tm.umount();
+    tm.mount();
+    std::fs::write(tm.mnt.join("two"), b"2").unwrap();
+    tm.umount();
+    let log = tm.log(true);
+    let seqs: Vec<u64> = log.iter().map(|r| r.seq()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1) && seqs.first() == Some(&1),
+        "sequence numbers: {seqs:?}"
+    );
+    let sessions: Vec<(&str, Option<bool>)> = log
+        .iter()
+        .filter(|r| r.op().starts_with("mount-"))
+        .map(|r| (r.op(), r.get("recovered").and_then(Value::as_bool)))
+        .collect();
+    assert_eq!(
+        sessions,
+        vec![
+            ("mount-start", Some(false)),
+            ("mount-stop", None),
+            ("mount-start", Some(false)),
+            ("mount-stop", None)
+        ],
+        "{log:?}"
+    );
+    assert!(
+        !log.iter()
+            .any(|r| r.str_field("origin") == Some("reconcile")),
+        "a clean stop needs no reconcile: {log:?}"
+    );
+    for r in &log {
+        assert!(
+            r.get("unix_ns")
+                .and_then(Value::as_i64)
+                .is_some_and(|t| t > 1_600_000_000_000_000_000),
+            "unix_ns: {r}"
+        );
+    }
+}
+
+#[test]
+fn status_describes_the_mount_and_its_journal() {
+    let tm = TestMount::with_source(|s| std::fs::write(s.join("a"), b"a").unwrap());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(tm.mnt.join("a"))
+        .unwrap();
+    f.write_all_at(b"b", 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let st = tm.status();
+    let log = tm.log_via_mount();
+    assert_eq!(st["mounted"], Value::Bool(true), "{st}");
+    assert_eq!(st["pid"].as_i64(), Some(tm.pid() as i64), "{st}");
+    assert_eq!(
+        st["mountpoint"].as_str().map(Path::new),
+        Some(tm.mnt.as_path()),
+        "{st}"
+    );
+    assert_eq!(
+        st["state_dir"].as_str().map(Path::new),
+        Some(tm.state.as_path()),
+        "{st}"
+    );
+    let max_seq = log.iter().map(|r| r.seq()).max().unwrap();
+    assert!(
+        st["last_seq"].as_u64().is_some_and(|s| s >= max_seq),
+        "last_seq in {st} behind the log's {max_seq}"
+    );
+    assert!(st["files"].as_u64().is_some_and(|n| n >= 1), "{st}");
+    assert!(st["dirty_files"].as_u64().is_some(), "{st}");
+    assert!(st["journal_bytes"].as_u64().is_some_and(|n| n > 0), "{st}");
+    tm.umount();
+    let out = ferry([
+        OsStr::new("status"),
+        OsStr::new("--state"),
+        tm.state.as_os_str(),
+        OsStr::new("--json"),
+    ]);
+    assert!(out.ok(), "{out:?}");
+    let st: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(st["mounted"], Value::Bool(false), "{st}");
+}
+
+#[test]
+fn changes_made_in_source_while_unmounted_are_found_by_reconcile() {
+    let tm = TestMount::with_source(|s| {
+        std::fs::write(s.join("edited"), vec![1u8; 5000]).unwrap();
+        std::fs::write(s.join("moved-away"), b"m").unwrap();
+        std::fs::write(s.join("deleted"), b"d").unwrap();
+    });
+    tm.umount();
+    let before = tm.log(true).iter().map(|r| r.seq()).max().unwrap();
+    std::fs::write(tm.source.join("edited"), vec![2u8; 6000]).unwrap();
+    std::fs::rename(tm.source.join("moved-away"), tm.source.join("moved-here")).unwrap();
+    // Created before the deletion, so that it cannot reuse the deleted
+    // file's inode number (that case is a rename + rewrite by identity).
+    std::fs::write(tm.source.join("born"), b"b").unwrap();
+    std::fs::remove_file(tm.source.join("deleted")).unwrap();
+    let out = ferry([
+        OsStr::new("mount"),
+        tm.source.as_os_str(),
+        tm.mnt.as_os_str(),
+        OsStr::new("--state"),
+        tm.state.as_os_str(),
+        OsStr::new("--background"),
+        OsStr::new("--reconcile"),
+    ]);
+    assert!(out.ok(), "{out:?}");
+    tm.umount();
+    let all = tm.log(true);
+    let new: Vec<&Value> = all.iter().filter(|r| r.seq() > before).collect();
+    let rec = |op: &str, path: &str| {
+        new.iter().any(|r| {
+            r.op() == op && path_of(r) == path && r.str_field("origin") == Some("reconcile")
+        })
+    };
+    let edited_id = all
+        .iter()
+        .find(|r| r.op() == "exists" && path_of(r) == "edited")
+        .and_then(|r| r.id());
+    assert!(
+        new.iter()
+            .any(|r| r.id() == edited_id && CONTENT.contains(&r.op())),
+        "the edit of 'edited' was not found: {new:?}"
+    );
+    assert!(
+        new.iter().any(|r| r.op() == "rename"
+            && r.str_field("from").map(|p| p.trim_start_matches('/')) == Some("moved-away")
+            && path_of(r) == "moved-here"
+            && r.str_field("origin") == Some("reconcile")),
+        "the rename was not recognised by inode identity: {new:?}"
+    );
+    assert!(
+        rec("unlink", "deleted"),
+        "the deletion was not found: {new:?}"
+    );
+    assert!(rec("create", "born"), "the new file was not found: {new:?}");
+    check_namespace(&replay_namespace(&all).unwrap(), &tm.source).unwrap();
+}
+
+const CONTENT: &[&str] = crate::util::CONTENT_OPS;
