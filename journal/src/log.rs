@@ -1,5 +1,5 @@
 //! The record log: segment files, their header, and the frame around each
-//! record (docs/FORMAT-journal.md describes the bytes). The file I/O sits
+//! record (docs/FORMAT.md describes the bytes). The file I/O sits
 //! behind [`LogStore`] so tests can simulate a crash that loses everything
 //! after the n-th sync.
 //!

@@ -151,10 +151,10 @@ fn describe(r: &Record, paths: &mut PathTracker) -> Value {
         v["origin"] = json!(origin);
     }
     paths.apply(r);
-    if v.get("path").is_none() {
-        if let Some(p) = before.or_else(|| r.op.file_id().and_then(|id| paths.path_of(id))) {
-            v["path"] = json!(p.to_string_lossy());
-        }
+    if v.get("path").is_none()
+        && let Some(p) = before.or_else(|| r.op.file_id().and_then(|id| paths.path_of(id)))
+    {
+        v["path"] = json!(p.to_string_lossy());
     }
     v
 }
@@ -335,7 +335,7 @@ mod tests {
         assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(
             format_time(1_795_394_123_456_000_000),
-            "2026-11-22T22:35:23.456Z"
+            "2026-11-23T00:35:23.456Z"
         );
     }
 }

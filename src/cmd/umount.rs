@@ -57,7 +57,7 @@ fn is_mount_process(pid: i32, mountpoint: &Path) -> bool {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    let mentions = |s: &[u8]| args.iter().any(|a| *a == s);
+    let mentions = |s: &[u8]| args.contains(&s);
     let resolved = args.iter().any(|a| {
         let p = Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a));
         mounts::resolve(p).is_ok_and(|r| r == mountpoint)

@@ -228,7 +228,7 @@ fn kill_9_during_writes_then_recovery_misses_no_changed_file() {
             .unwrap_or_else(|e| panic!("{}: after recovery: {e}", ctx()));
 
         let session: Vec<&Value> = records.iter().filter(|r| r.seq() > last_seq).collect();
-        let recovered = session.iter().filter(|r| r.op() == "mount-start").last();
+        let recovered = session.iter().rfind(|r| r.op() == "mount-start");
         assert_eq!(
             recovered
                 .and_then(|r| r.get("recovered"))

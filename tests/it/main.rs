@@ -13,4 +13,5 @@ mod crash;
 mod differential;
 mod mount;
 mod ops;
+mod privileges;
 mod util;

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use proptest::prelude::*;
 
-use crate::util::{cstr, errno};
+use crate::util::{PYTHON, cstr, errno};
 
 /// Relative paths the operations pick from: few enough that operations
 /// collide (rename over existing files and directories, rmdir of non-empty
@@ -546,7 +546,7 @@ fn as_nobody(root: &Path, op: &Nobody) -> String {
         Nobody::SetXattr(p) => ("setxattr", vec![j(p)]),
     };
     use std::os::unix::process::CommandExt;
-    let out = Command::new("python3")
+    let out = Command::new(PYTHON)
         .arg("-c")
         .arg(NOBODY_PY)
         .arg(name)

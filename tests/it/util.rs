@@ -610,3 +610,7 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Debian's interpreter, reachable by any user (a per-user install under
+/// /root is not), for operations run as an unprivileged user.
+pub const PYTHON: &str = "/usr/bin/python3";

@@ -118,6 +118,7 @@ pub struct JournalingFs {
     inodes: InodeTable,
     files: HandleTable<FileHandle>,
     dirs: HandleTable<DirHandle>,
+    invalidate_attrs: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl JournalingFs {
@@ -136,6 +137,7 @@ impl JournalingFs {
             inodes: InodeTable::new(root_fd, root_key, root_file),
             files: HandleTable::new(),
             dirs: HandleTable::new(),
+            invalidate_attrs: std::sync::OnceLock::new(),
         })
     }
 
@@ -240,7 +242,7 @@ impl JournalingFs {
         Ok(st)
     }
 
-    pub fn setattr(&self, node: u64, set: &SetAttr) -> FsResult<libc::stat> {
+    pub fn setattr(&self, caller: Caller, node: u64, set: &SetAttr) -> FsResult<libc::stat> {
         let inode = self.inode(node)?;
         let handle = set.fh.and_then(|fh| self.files.get(fh));
         let mut change = AttrChange::default();
@@ -254,6 +256,11 @@ impl JournalingFs {
             change.gid = set.gid;
         }
         if let Some(size) = set.size {
+            // fuser does not pass the kernel's kill flag; a truncate by an
+            // unprivileged caller clears set-ID bits natively.
+            if set.mode.is_none() {
+                self.drop_privileges(&inode, caller)?;
+            }
             self.journal
                 .truncate(&inode.file, size)
                 .map_err(journal_errno)?;
@@ -515,6 +522,8 @@ impl JournalingFs {
 
     // ---- open files ---------------------------------------------------------
 
+    // The arguments of FUSE_CREATE, one for one.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &self,
         caller: Caller,
@@ -535,7 +544,7 @@ impl JournalingFs {
             Ok(file) => file,
             Err(Errno::EEXIST) if flags & libc::O_EXCL == 0 => {
                 let (inode, st) = self.reference_child(&dir, name)?;
-                let opened = self.open_inode(&inode, flags, false, None, register)?;
+                let opened = self.open_inode(caller, &inode, flags, false, None, register)?;
                 return Ok((self.entry_of(&inode, st), opened));
             }
             Err(e) => return Err(e),
@@ -543,13 +552,19 @@ impl JournalingFs {
         let fd = sys::open_path_at(dir.fd(), &c)?;
         self.give_to_caller(&dir, &fd, caller, Some(perm))?;
         let (inode, st) = self.reference_created(&dir, name, fd)?;
-        let opened = self.open_inode(&inode, flags, true, Some(file), register)?;
+        let opened = self.open_inode(caller, &inode, flags, true, Some(file), register)?;
         Ok((self.entry_of(&inode, st), opened))
     }
 
-    pub fn open(&self, node: u64, flags: i32, register: Option<Register<'_>>) -> FsResult<Opened> {
+    pub fn open(
+        &self,
+        caller: Caller,
+        node: u64,
+        flags: i32,
+        register: Option<Register<'_>>,
+    ) -> FsResult<Opened> {
         let inode = self.inode(node)?;
-        self.open_inode(&inode, flags, false, None, register)
+        self.open_inode(caller, &inode, flags, false, None, register)
     }
 
     /// Opens a regular file, choosing its io path (see `open.rs`), and makes
@@ -557,6 +572,7 @@ impl JournalingFs {
     /// write through the returned handle.
     fn open_inode(
         &self,
+        caller: Caller,
         inode: &Arc<Inode>,
         flags: i32,
         created: bool,
@@ -572,11 +588,17 @@ impl JournalingFs {
             Some(f) => f,
             None => sys::reopen(inode.fd(), own_flags)?,
         };
-        let empty = !created && !truncate && writable && sys_size(&file)? == 0;
+        let st = sys::stat_fd(file.as_fd())?;
+        let empty = !created && !truncate && writable && st.st_size == 0;
         let anew = created || truncate || empty;
+        // The server clears set-ID bits (FUSE_HANDLE_KILLPRIV_V2): a writer
+        // without CAP_FSETID must go through ferry, whose writes carry the
+        // kernel's kill flag, and its O_TRUNC drops the bits at once.
+        let drops_privileges = privileges_to_drop(&st, caller) != 0;
 
         let mut state = inode.open.lock();
         let path = match register {
+            Some(_) if writable && drops_privileges => state.choose_in_place(),
             Some(_) => state.choose(writable, anew),
             None => IoPath::Journaled,
         };
@@ -587,6 +609,9 @@ impl JournalingFs {
                 .map_err(journal_errno)?;
         }
         if truncate {
+            if drops_privileges {
+                self.drop_privileges(inode, caller)?;
+            }
             sys::ftruncate(&file, 0)?;
         }
         let (file, passthrough) = match path {
@@ -630,7 +655,16 @@ impl JournalingFs {
         Ok(buf)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    /// `kill_privileges`: the kernel asks the server to clear set-ID bits,
+    /// as a write by a user without CAP_FSETID does natively.
+    pub fn write(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_privileges: bool,
+    ) -> FsResult<u32> {
         let h = self.file_handle(fh)?;
         self.journal
             .note_write(&h.inode.file, offset, data.len() as u64)
@@ -639,7 +673,37 @@ impl JournalingFs {
         while done < data.len() {
             done += sys::pwrite(&h.file, &data[done..], offset + done as u64)?;
         }
+        if kill_privileges {
+            self.drop_privileges(&h.inode, caller)?;
+        }
         Ok(done as u32)
+    }
+
+    /// Clears the set-ID bits a write or truncate by `caller` clears natively,
+    /// and tells the kernel its cached mode is stale.
+    fn drop_privileges(&self, inode: &Inode, caller: Caller) -> FsResult<()> {
+        let st = sys::stat_fd(inode.fd())?;
+        let drop = privileges_to_drop(&st, caller);
+        if drop == 0 {
+            return Ok(());
+        }
+        let mode = st.st_mode & 0o7777 & !drop;
+        sys::chmod_fd(inode.fd(), mode)?;
+        let change = AttrChange {
+            mode: Some(mode),
+            ..AttrChange::default()
+        };
+        self.journal.attr_changed(inode.file.id(), change);
+        if let Some(invalidate) = self.invalidate_attrs.get() {
+            invalidate(inode.node);
+        }
+        Ok(())
+    }
+
+    /// Sets how to tell the kernel that a node's cached attributes are stale
+    /// (the FUSE adapter's notifier); without it, the cache expires by itself.
+    pub fn set_attr_invalidator(&self, invalidate: Box<dyn Fn(u64) + Send + Sync>) {
+        let _ = self.invalidate_attrs.set(invalidate);
     }
 
     pub fn flush(&self, fh: u64) -> FsResult<()> {
@@ -819,8 +883,21 @@ impl JournalingFs {
     }
 }
 
-fn sys_size(file: &File) -> FsResult<u64> {
-    Ok(sys::stat_fd(file.as_fd())?.st_size as u64)
+/// The set-ID bits that a write or truncate by `caller` clears, as the
+/// kernel's `setattr_should_drop_suidgid` decides: none for root
+/// (CAP_FSETID); set-user-ID always; set-group-ID when group-executable or
+/// when the caller is not in the file's group (judged by the caller's
+/// primary group: FUSE does not pass supplementary groups).
+fn privileges_to_drop(st: &libc::stat, caller: Caller) -> u32 {
+    if caller.uid == 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return 0;
+    }
+    let mut drop = st.st_mode & libc::S_ISUID;
+    let group_exec = st.st_mode & libc::S_IXGRP != 0;
+    if st.st_mode & libc::S_ISGID != 0 && (group_exec || caller.gid != st.st_gid) {
+        drop |= libc::S_ISGID;
+    }
+    drop
 }
 
 pub fn key_of(st: &libc::stat) -> InodeKey {

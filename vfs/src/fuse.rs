@@ -182,7 +182,11 @@ impl Filesystem for FuseAdapter {
             | InitFlags::FUSE_POSIX_ACL
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_BIG_WRITES
-            | InitFlags::FUSE_MAX_PAGES;
+            | InitFlags::FUSE_MAX_PAGES
+            // The server clears set-ID bits on write and truncate (fs.rs).
+            // This lets the kernel skip asking for security.capability on
+            // every write, which costs a round trip per write otherwise.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         for flag in wanted.iter() {
             if config.add_capabilities(flag).is_err() {
                 tracing::warn!(
@@ -219,7 +223,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -244,7 +248,7 @@ impl Filesystem for FuseAdapter {
             mtime: mtime.map(set_time),
             fh: fh.map(|f| f.0),
         };
-        match self.fs.setattr(ino.0, &set) {
+        match self.fs.setattr(caller(req), ino.0, &set) {
             Ok(st) => reply.attr(&TTL, &attr(&st)),
             Err(e) => reply.error(errno(e)),
         }
@@ -339,13 +343,16 @@ impl Filesystem for FuseAdapter {
         entry_reply(self.fs.link(ino.0, newparent.0, newname), reply);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let register = |file: &std::fs::File| -> std::io::Result<BackingToken> {
             Ok(Arc::new(reply.open_backing(file)?))
         };
-        let result = self
-            .fs
-            .open(ino.0, flags.0, self.passthrough_register(&register));
+        let result = self.fs.open(
+            caller(req),
+            ino.0,
+            flags.0,
+            self.passthrough_register(&register),
+        );
         match result {
             Ok(Opened {
                 fh,
@@ -378,17 +385,18 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(fh.0, offset, data) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.fs.write(caller(req), fh.0, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }

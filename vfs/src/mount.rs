@@ -68,8 +68,14 @@ pub fn mount(
     fuse_config.n_threads = Some(config.threads.max(1));
     fuse_config.clone_fd = true;
 
-    let adapter = FuseAdapter::new(fs, Arc::new(AtomicBool::new(false)));
+    let adapter = FuseAdapter::new(fs.clone(), Arc::new(AtomicBool::new(false)));
     let mut session = Session::new(adapter, mountpoint, &fuse_config)?;
+    let notifier = session.notifier();
+    // A negative offset invalidates attributes only, never page cache, so it
+    // takes no inode lock and is safe from inside a request.
+    fs.set_attr_invalidator(Box::new(move |node| {
+        let _ = notifier.inval_inode(fuser::INodeNo(node), -1, 0);
+    }));
     let unmounter = session.unmount_callable();
     let (tx, ended) = crossbeam_channel::bounded(1);
     let thread = std::thread::Builder::new()

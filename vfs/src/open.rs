@@ -54,6 +54,16 @@ impl OpenState {
         }
     }
 
+    /// The io path of a writer that must go through ferry if the kernel
+    /// allows it (one whose writes must clear set-ID bits).
+    pub fn choose_in_place(&self) -> IoPath {
+        if self.passthrough_handles > 0 {
+            IoPath::Passthrough
+        } else {
+            IoPath::Journaled
+        }
+    }
+
     /// The inode's shared passthrough file and its registration, made with
     /// `open_and_register` for the first passthrough open.
     pub fn passthrough(
