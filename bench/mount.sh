@@ -38,22 +38,35 @@ fio_bw() { # dir rw [extra...] -> KiB/s
   fio --name=b --directory="$dir" --rw="$rw" --bs=1M --size=1G --end_fsync=1 --fallocate=none "$@" \
       --output-format=json 2>/dev/null | python3 -c "import json,sys; print(json.load(sys.stdin)['jobs'][0]['$key']['bw'])"
 }
-seconds() { local s; s=$(date +%s.%N); "$@" >/dev/null 2>&1; python3 -c "import time; print(time.time() - $s)"; }
+# A failed command must not pass for a fast one.
+seconds() {
+  local s; s=$(date +%s.%N)
+  "$@" >/dev/null 2>"$work/cmd.err" || { echo "bench: '$*' failed: $(head -3 "$work/cmd.err")" >&2; exit 1; }
+  python3 -c "import time; print(time.time() - $s)"
+}
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 
-declare -A res
-for target in native ferry bindfs; do
-  case $target in native) d=$native ;; ferry) d=$fmnt ;; bindfs) d=$bmnt ;; esac
-  w=() o=() r=()
-  for _ in $(seq "$runs"); do
-    w+=("$(fio_bw "$d" write)")
-    o+=("$(fio_bw "$d" write --overwrite=1)")
-    drop_caches
-    r+=("$(fio_bw "$d" read)")
+# The host's writeback of one measurement slows the next one down (on the
+# VMs this was measured on, whichever writes second after a 1 GiB fsync runs
+# at about half speed). So: settle before every measurement, and rotate the
+# order of the targets from run to run.
+settle() { sync; sleep 5; }
+targets=(native ferry bindfs)
+declare -A res samples
+for run in $(seq "$runs"); do
+  for k in 0 1 2; do
+    target=${targets[$(( (k + run) % 3 ))]}
+    case $target in native) d=$native ;; ferry) d=$fmnt ;; bindfs) d=$bmnt ;; esac
+    settle; samples[$target.write]+=" $(fio_bw "$d" write)"
+    settle; samples[$target.overwrite]+=" $(fio_bw "$d" write --overwrite=1)"
+    drop_caches; settle; samples[$target.read]+=" $(fio_bw "$d" read)"
     rm -f "$d"/b.*
   done
-  res[$target.write]=$(median "${w[@]}") res[$target.overwrite]=$(median "${o[@]}") res[$target.read]=$(median "${r[@]}")
+done
+for key in "${!samples[@]}"; do
+  # shellcheck disable=SC2086
+  res[$key]=$(median ${samples[$key]})
 done
 
 # A tree of small files, as a tar.
@@ -69,9 +82,9 @@ PY
 tar cf "$work/tree.tar" -C "$work/tree" . && rm -rf "$work/tree"
 for target in native ferry bindfs; do
   case $target in native) d=$native ;; ferry) d=$fmnt ;; bindfs) d=$bmnt ;; esac
-  drop_caches
+  drop_caches; settle
   res[$target.untar]=$(seconds tar xf "$work/tree.tar" -C "$d")
-  drop_caches
+  drop_caches; settle
   res[$target.find]=$(seconds find "$d" -size +1k)
 done
 

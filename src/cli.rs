@@ -28,6 +28,18 @@ pub enum Command {
     Log(LogArgs),
     /// Print the state of a mount and its journal.
     Status(StatusArgs),
+    /// Compare SOURCE with REPLICA and list every difference.
+    ///
+    /// Compared: type, size and blake3 content, permission bits, owner,
+    /// mtime (nanoseconds), symlink targets, device numbers, xattrs and
+    /// ACLs, and which paths are hard links of each other. Symlinks are
+    /// never followed; other filesystems mounted below the roots are
+    /// skipped and listed.
+    ///
+    /// Exit codes: 0 the trees are equal; 1 they differ; 2 an error (a root
+    /// is unusable, or an entry could not be read: the comparison is
+    /// incomplete).
+    Verify(VerifyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +96,17 @@ pub struct LogArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub journal: JournalArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The source tree (a directory).
+    pub source: PathBuf,
+    /// The replica tree (a directory).
+    pub replica: PathBuf,
+    /// One JSON object per difference, then a summary object.
     #[arg(long)]
     pub json: bool,
 }

@@ -3,6 +3,7 @@
 mod journal_view;
 mod mount;
 mod umount;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -14,6 +15,8 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Umount(args) => umount::run(args),
         Command::Log(args) => journal_view::log(args),
         Command::Status(args) => journal_view::status(args),
+        // The one command with its own exit codes (0 equal, 1 differ, 2 error).
+        Command::Verify(args) => return verify::run(args),
     }
     .map(|()| ExitCode::SUCCESS)
 }

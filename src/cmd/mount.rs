@@ -190,7 +190,7 @@ fn serve(plan: &Plan, ready: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     signals.thread_block().context("blocking signals")?;
     // New files get exactly the mode the filesystem computes.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-    raise_fd_limit();
+    raise_fd_limit()?;
 
     std::fs::create_dir_all(&plan.state)
         .with_context(|| format!("creating state directory {}", plan.state.display()))?;
@@ -260,12 +260,20 @@ fn serve(plan: &Plan, ready: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One `O_PATH` descriptor is held per inode the kernel knows: allow many.
-fn raise_fd_limit() {
+/// One `O_PATH` descriptor is held per inode the kernel knows, and the
+/// kernel keeps every inode of a 100,000-file tree cached when memory
+/// allows: raise the limit as far as the kernel allows (root may raise the
+/// hard limit up to `fs.nr_open`).
+fn raise_fd_limit() -> anyhow::Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+    let limit = nr_open.map_or(hard, |n| n.max(hard));
+    setrlimit(Resource::RLIMIT_NOFILE, limit, limit)
+        .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, hard, hard))
+        .context("raising RLIMIT_NOFILE")
 }
 
 /// Reads the pid file a mount process leaves in its state directory.

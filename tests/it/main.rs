@@ -6,7 +6,8 @@
 //!   directory give the same results, and the journal describes them;
 //! - `crash`: kill -9 during writes, then recovery misses nothing;
 //! - `bad_input`: refused mounts leave nothing behind;
-//! - `mount`: life cycle, inode numbers, single-operation journal records.
+//! - `mount`: life cycle, inode numbers, single-operation journal records;
+//! - `verify`: `ferry verify` against trees copied by `rsync -aHAX`.
 
 mod bad_input;
 mod crash;
@@ -15,3 +16,4 @@ mod mount;
 mod ops;
 mod privileges;
 mod util;
+mod verify;

@@ -1,0 +1,5 @@
+//! Replication: comparing trees, the batch format, and (in progress) planning
+//! batches from the journal and applying them on a replica.
+
+pub mod batch;
+pub mod verify;
