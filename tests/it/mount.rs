@@ -439,3 +439,48 @@ fn changes_made_in_source_while_unmounted_are_found_by_reconcile() {
 }
 
 const CONTENT: &[&str] = crate::util::CONTENT_OPS;
+
+/// The kernel may hold far more inodes than the mount may hold descriptors:
+/// with a limit of 400 descriptors (capacity 256 cached), thousands of
+/// entries are created, renamed, listed and read back through the mount.
+#[test]
+fn more_inodes_than_descriptors() {
+    let tm = TestMount::unmounted();
+    let mount = format!(
+        "ulimit -n 400 && exec {} mount {} {} --state {} --background",
+        crate::util::ferry_bin().display(),
+        tm.source.display(),
+        tm.mnt.display(),
+        tm.state.display()
+    );
+    let out = crate::util::run(std::process::Command::new("sh").args(["-c", &mount]));
+    assert!(out.ok(), "mount with a low descriptor limit: {out:?}");
+    for d in 0..20 {
+        let dir = tm.mnt.join(format!("d{d}"));
+        std::fs::create_dir(&dir).expect("mkdir through the mount");
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("f{f}")), format!("{d}/{f}")).expect("create");
+        }
+    }
+    std::fs::rename(tm.mnt.join("d0"), tm.mnt.join("moved")).expect("rename");
+    // Drop the kernel's caches so that every inode is looked up again.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches");
+    for d in 0..20 {
+        let dir = if d == 0 {
+            "moved".to_string()
+        } else {
+            format!("d{d}")
+        };
+        let names = std::fs::read_dir(tm.mnt.join(&dir)).expect("list").count();
+        assert_eq!(names, 100, "entries of {dir}");
+        for f in [0, 57, 99] {
+            let got =
+                std::fs::read_to_string(tm.mnt.join(&dir).join(format!("f{f}"))).expect("read");
+            assert_eq!(got, format!("{d}/{f}"));
+        }
+    }
+    let open = std::fs::read_dir(format!("/proc/{}/fd", tm.pid()))
+        .expect("fds")
+        .count();
+    assert!(open < 400, "the mount holds {open} descriptors");
+}

@@ -134,7 +134,7 @@ impl JournalingFs {
         let root_key = key_of(&st);
         Ok(JournalingFs {
             journal,
-            inodes: InodeTable::new(root_fd, root_key, root_file),
+            inodes: InodeTable::new(root_fd, root_key, root_file).map_err(std::io::Error::from)?,
             files: HandleTable::new(),
             dirs: HandleTable::new(),
             invalidate_attrs: std::sync::OnceLock::new(),
@@ -167,15 +167,19 @@ impl JournalingFs {
     }
 
     /// Takes a kernel reference on the inode at `dir/name`, opening it.
-    fn reference_child(&self, dir: &Inode, name: &OsStr) -> FsResult<(Arc<Inode>, libc::stat)> {
+    fn reference_child(
+        &self,
+        dir: &Arc<Inode>,
+        name: &OsStr,
+    ) -> FsResult<(Arc<Inode>, libc::stat)> {
         let c = sys::cname(name)?;
-        let fd = sys::open_path_at(dir.fd(), &c)?;
+        let fd = sys::open_path_at(dir.fd()?.as_fd(), &c)?;
         self.reference_fd(dir, name, fd)
     }
 
     fn reference_fd(
         &self,
-        dir: &Inode,
+        dir: &Arc<Inode>,
         name: &OsStr,
         fd: OwnedFd,
     ) -> FsResult<(Arc<Inode>, libc::stat)> {
@@ -187,14 +191,14 @@ impl JournalingFs {
             self.journal
                 .file_state(id)
                 .expect("identify returns a live id")
-        });
+        })?;
         Ok((inode, st))
     }
 
     /// Like `reference_child`, for an entry this operation just created.
     fn reference_created(
         &self,
-        dir: &Inode,
+        dir: &Arc<Inode>,
         name: &OsStr,
         fd: OwnedFd,
     ) -> FsResult<(Arc<Inode>, libc::stat)> {
@@ -206,13 +210,13 @@ impl JournalingFs {
             self.journal
                 .file_state(id)
                 .expect("created returns a live id")
-        });
+        })?;
         Ok((inode, st))
     }
 
     /// The journal id of whatever `dir/name` is now, identifying it if new.
-    fn id_at(&self, dir: &Inode, name: &OsStr) -> FsResult<(FileId, libc::stat)> {
-        let st = sys::stat_at(dir.fd(), &sys::cname(name)?)?;
+    fn id_at(&self, dir: &Arc<Inode>, name: &OsStr) -> FsResult<(FileId, libc::stat)> {
+        let st = sys::stat_at(dir.fd()?.as_fd(), &sys::cname(name)?)?;
         let key = key_of(&st);
         let id = match self.journal.lookup(key) {
             Some(id) => id,
@@ -237,7 +241,7 @@ impl JournalingFs {
 
     pub fn getattr(&self, node: u64) -> FsResult<libc::stat> {
         let inode = self.inode(node)?;
-        let mut st = sys::stat_fd(inode.fd())?;
+        let mut st = sys::stat_fd(inode.fd()?.as_fd())?;
         st.st_ino = inode.node;
         Ok(st)
     }
@@ -247,11 +251,11 @@ impl JournalingFs {
         let handle = set.fh.and_then(|fh| self.files.get(fh));
         let mut change = AttrChange::default();
         if let Some(mode) = set.mode {
-            sys::chmod_fd(inode.fd(), mode & 0o7777)?;
+            sys::chmod_fd(inode.fd()?.as_fd(), mode & 0o7777)?;
             change.mode = Some(mode & 0o7777);
         }
         if set.uid.is_some() || set.gid.is_some() {
-            sys::chown_fd(inode.fd(), set.uid, set.gid)?;
+            sys::chown_fd(inode.fd()?.as_fd(), set.uid, set.gid)?;
             change.uid = set.uid;
             change.gid = set.gid;
         }
@@ -266,7 +270,7 @@ impl JournalingFs {
                 .map_err(journal_errno)?;
             match &handle {
                 Some(h) if h.writable => sys::ftruncate(&h.file, size)?,
-                _ => sys::truncate_path(inode.fd(), size)?,
+                _ => sys::truncate_path(inode.fd()?.as_fd(), size)?,
             }
         }
         if set.atime.is_some() || set.mtime.is_some() {
@@ -275,9 +279,9 @@ impl JournalingFs {
                 Some(SetTime::Now) => sys::timespec(Some(None)),
                 Some(SetTime::At(s, ns)) => sys::timespec(Some(Some((s, ns)))),
             };
-            sys::utimens_fd(inode.fd(), &[spec(set.atime), spec(set.mtime)])?;
+            sys::utimens_fd(inode.fd()?.as_fd(), &[spec(set.atime), spec(set.mtime)])?;
         }
-        let mut st = sys::stat_fd(inode.fd())?;
+        let mut st = sys::stat_fd(inode.fd()?.as_fd())?;
         if set.atime.is_some() {
             change.atime = Some(Timestamp {
                 sec: st.st_atime,
@@ -298,11 +302,11 @@ impl JournalingFs {
     }
 
     pub fn readlink(&self, node: u64) -> FsResult<Vec<u8>> {
-        sys::readlink_fd(self.inode(node)?.fd())
+        sys::readlink_fd(self.inode(node)?.fd()?.as_fd())
     }
 
     pub fn statfs(&self, node: u64) -> FsResult<libc::statvfs> {
-        sys::statvfs_fd(self.inode(node)?.fd())
+        sys::statvfs_fd(self.inode(node)?.fd()?.as_fd())
     }
 
     // ---- creating names ---------------------------------------------------
@@ -311,12 +315,12 @@ impl JournalingFs {
     /// the group comes from the parent when it is set-group-ID, as natively.
     fn give_to_caller(
         &self,
-        dir: &Inode,
+        dir: &Arc<Inode>,
         fd: &OwnedFd,
         caller: Caller,
         mode: Option<u32>,
     ) -> FsResult<()> {
-        let dir_st = sys::stat_fd(dir.fd())?;
+        let dir_st = sys::stat_fd(dir.fd()?.as_fd())?;
         let gid = if dir_st.st_mode & libc::S_ISGID != 0 {
             None
         } else {
@@ -335,12 +339,12 @@ impl JournalingFs {
 
     /// The mode a new entry gets: the caller's umask applies unless the
     /// directory has a default ACL (then the ACL decides, as natively).
-    fn creation_mode(dir: &Inode, mode: u32, umask: u32) -> u32 {
-        if sys::has_default_acl(dir.fd()) {
+    fn creation_mode(dir: &Arc<Inode>, mode: u32, umask: u32) -> FsResult<u32> {
+        Ok(if sys::has_default_acl(dir.fd()?.as_fd()) {
             mode
         } else {
             mode & !umask
-        }
+        })
     }
 
     pub fn mkdir(
@@ -353,8 +357,8 @@ impl JournalingFs {
     ) -> FsResult<Entry> {
         let dir = self.inode(parent)?;
         let c = sys::cname(name)?;
-        let mode = Self::creation_mode(&dir, mode & 0o7777, umask);
-        sys::mkdir_at(dir.fd(), &c, mode)?;
+        let mode = Self::creation_mode(&dir, mode & 0o7777, umask)?;
+        sys::mkdir_at(dir.fd()?.as_fd(), &c, mode)?;
         self.finish_create(&dir, name, &c, caller, Some(mode))
     }
 
@@ -369,8 +373,13 @@ impl JournalingFs {
     ) -> FsResult<Entry> {
         let dir = self.inode(parent)?;
         let c = sys::cname(name)?;
-        let perm = Self::creation_mode(&dir, mode & 0o7777, umask);
-        sys::mknod_at(dir.fd(), &c, (mode & libc::S_IFMT) | perm, rdev as u64)?;
+        let perm = Self::creation_mode(&dir, mode & 0o7777, umask)?;
+        sys::mknod_at(
+            dir.fd()?.as_fd(),
+            &c,
+            (mode & libc::S_IFMT) | perm,
+            rdev as u64,
+        )?;
         self.finish_create(&dir, name, &c, caller, Some(perm))
     }
 
@@ -384,19 +393,19 @@ impl JournalingFs {
         let dir = self.inode(parent)?;
         let c = sys::cname(name)?;
         let target = sys::cname(target.as_os_str())?;
-        sys::symlink_at(&target, dir.fd(), &c)?;
+        sys::symlink_at(&target, dir.fd()?.as_fd(), &c)?;
         self.finish_create(&dir, name, &c, caller, None)
     }
 
     fn finish_create(
         &self,
-        dir: &Inode,
+        dir: &Arc<Inode>,
         name: &OsStr,
         c: &std::ffi::CStr,
         caller: Caller,
         mode: Option<u32>,
     ) -> FsResult<Entry> {
-        let fd = sys::open_path_at(dir.fd(), c)?;
+        let fd = sys::open_path_at(dir.fd()?.as_fd(), c)?;
         self.give_to_caller(dir, &fd, caller, mode)?;
         let (inode, st) = self.reference_created(dir, name, fd)?;
         Ok(self.entry_of(&inode, st))
@@ -405,11 +414,15 @@ impl JournalingFs {
     pub fn link(&self, node: u64, new_parent: u64, new_name: &OsStr) -> FsResult<Entry> {
         let inode = self.inode(node)?;
         let dir = self.inode(new_parent)?;
-        sys::link_fd_at(inode.fd(), dir.fd(), &sys::cname(new_name)?)?;
+        sys::link_fd_at(
+            inode.fd()?.as_fd(),
+            dir.fd()?.as_fd(),
+            &sys::cname(new_name)?,
+        )?;
         self.journal
             .linked(inode.file.id(), dir.file.id(), new_name);
         self.inodes.reference_known(&inode);
-        let st = sys::stat_fd(inode.fd())?;
+        let st = sys::stat_fd(inode.fd()?.as_fd())?;
         Ok(self.entry_of(&inode, st))
     }
 
@@ -418,7 +431,7 @@ impl JournalingFs {
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.inode(parent)?;
         let (id, _) = self.id_at(&dir, name)?;
-        sys::unlink_at(dir.fd(), &sys::cname(name)?, 0)?;
+        sys::unlink_at(dir.fd()?.as_fd(), &sys::cname(name)?, 0)?;
         self.journal.unlinked(id, dir.file.id(), name);
         Ok(())
     }
@@ -426,7 +439,7 @@ impl JournalingFs {
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.inode(parent)?;
         let (id, _) = self.id_at(&dir, name)?;
-        sys::unlink_at(dir.fd(), &sys::cname(name)?, libc::AT_REMOVEDIR)?;
+        sys::unlink_at(dir.fd()?.as_fd(), &sys::cname(name)?, libc::AT_REMOVEDIR)?;
         self.journal.rmdired(id, dir.file.id(), name);
         Ok(())
     }
@@ -455,9 +468,9 @@ impl JournalingFs {
             Err(e) => return Err(e),
         };
         sys::rename_at(
-            from.fd(),
+            from.fd()?.as_fd(),
             &sys::cname(name)?,
-            to.fd(),
+            to.fd()?.as_fd(),
             &sys::cname(new_name)?,
             flags,
         )?;
@@ -486,7 +499,7 @@ impl JournalingFs {
         let inode = self.inode(node)?;
         let c = sys::cname(name)?;
         let mut buf = vec![0u8; size as usize];
-        let n = sys::getxattr(inode.fd(), &c, &mut buf)?;
+        let n = sys::getxattr(inode.fd()?.as_fd(), &c, &mut buf)?;
         buf.truncate(n);
         if size == 0 {
             // The caller asks for the size only.
@@ -498,7 +511,7 @@ impl JournalingFs {
     pub fn listxattr(&self, node: u64, size: u32) -> FsResult<Vec<u8>> {
         let inode = self.inode(node)?;
         let mut buf = vec![0u8; size as usize];
-        let n = sys::listxattr(inode.fd(), &mut buf)?;
+        let n = sys::listxattr(inode.fd()?.as_fd(), &mut buf)?;
         if size == 0 {
             return Ok(vec![0u8; n]);
         }
@@ -508,14 +521,14 @@ impl JournalingFs {
 
     pub fn setxattr(&self, node: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let inode = self.inode(node)?;
-        sys::setxattr(inode.fd(), &sys::cname(name)?, value, flags)?;
+        sys::setxattr(inode.fd()?.as_fd(), &sys::cname(name)?, value, flags)?;
         self.journal.xattr_set(inode.file.id(), name);
         Ok(())
     }
 
     pub fn removexattr(&self, node: u64, name: &OsStr) -> FsResult<()> {
         let inode = self.inode(node)?;
-        sys::removexattr(inode.fd(), &sys::cname(name)?)?;
+        sys::removexattr(inode.fd()?.as_fd(), &sys::cname(name)?)?;
         self.journal.xattr_removed(inode.file.id(), name);
         Ok(())
     }
@@ -536,11 +549,11 @@ impl JournalingFs {
     ) -> FsResult<(Entry, Opened)> {
         let dir = self.inode(parent)?;
         let c = sys::cname(name)?;
-        let perm = Self::creation_mode(&dir, mode & 0o7777, umask);
+        let perm = Self::creation_mode(&dir, mode & 0o7777, umask)?;
         // Create exclusively so that `created` is true; a name that appeared
         // behind the kernel's back is opened as an existing file instead.
         let own_flags = flags & !(libc::O_TRUNC | libc::O_APPEND | libc::O_DIRECT);
-        let file = match sys::create_at(dir.fd(), &c, own_flags | libc::O_EXCL, perm) {
+        let file = match sys::create_at(dir.fd()?.as_fd(), &c, own_flags | libc::O_EXCL, perm) {
             Ok(file) => file,
             Err(Errno::EEXIST) if flags & libc::O_EXCL == 0 => {
                 let (inode, st) = self.reference_child(&dir, name)?;
@@ -549,7 +562,7 @@ impl JournalingFs {
             }
             Err(e) => return Err(e),
         };
-        let fd = sys::open_path_at(dir.fd(), &c)?;
+        let fd = sys::open_path_at(dir.fd()?.as_fd(), &c)?;
         self.give_to_caller(&dir, &fd, caller, Some(perm))?;
         let (inode, st) = self.reference_created(&dir, name, fd)?;
         let opened = self.open_inode(caller, &inode, flags, true, Some(file), register)?;
@@ -586,7 +599,7 @@ impl JournalingFs {
         let own_flags = flags & !(libc::O_TRUNC | libc::O_APPEND | libc::O_DIRECT);
         let file = match created_file {
             Some(f) => f,
-            None => sys::reopen(inode.fd(), own_flags)?,
+            None => sys::reopen(inode.fd()?.as_fd(), own_flags)?,
         };
         let st = sys::stat_fd(file.as_fd())?;
         let empty = !created && !truncate && writable && st.st_size == 0;
@@ -620,8 +633,8 @@ impl JournalingFs {
                 let (shared, token) = state.passthrough(|| {
                     // One backing file per inode, opened read-write when the
                     // filesystem allows it: every passthrough open shares it.
-                    let backing = sys::reopen(inode.fd(), libc::O_RDWR)
-                        .or_else(|_| sys::reopen(inode.fd(), libc::O_RDONLY))?;
+                    let backing = sys::reopen(inode.fd()?.as_fd(), libc::O_RDWR)
+                        .or_else(|_| sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY))?;
                     let register = register.expect("passthrough is chosen only with a registrar");
                     let token = register(&backing).map_err(|e| sys::errno_of(&e))?;
                     Ok((Arc::new(backing), token))
@@ -681,14 +694,14 @@ impl JournalingFs {
 
     /// Clears the set-ID bits a write or truncate by `caller` clears natively,
     /// and tells the kernel its cached mode is stale.
-    fn drop_privileges(&self, inode: &Inode, caller: Caller) -> FsResult<()> {
-        let st = sys::stat_fd(inode.fd())?;
+    fn drop_privileges(&self, inode: &Arc<Inode>, caller: Caller) -> FsResult<()> {
+        let st = sys::stat_fd(inode.fd()?.as_fd())?;
         let drop = privileges_to_drop(&st, caller);
         if drop == 0 {
             return Ok(());
         }
         let mode = st.st_mode & 0o7777 & !drop;
-        sys::chmod_fd(inode.fd(), mode)?;
+        sys::chmod_fd(inode.fd()?.as_fd(), mode)?;
         let change = AttrChange {
             mode: Some(mode),
             ..AttrChange::default()
@@ -782,7 +795,7 @@ impl JournalingFs {
 
     pub fn opendir(&self, node: u64) -> FsResult<u64> {
         let inode = self.inode(node)?;
-        let dir = sys::reopen(inode.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let dir = sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         let stream = DirStream {
             dir,
             buf: vec![0u8; 32 * 1024],

@@ -1,24 +1,32 @@
 //! The inode table: every inode the kernel currently knows, with its lookup
-//! count, its `O_PATH` handle on the backing inode, and its journal state.
+//! count, the way back to its backing inode, and its journal state.
 //!
 //! Node ids are the backing filesystem's inode numbers (fuser sends
 //! `attr.ino` as the node id), except the source root, which is always node 1.
-//! Holding the `O_PATH` descriptor pins the backing inode, so its number
-//! cannot be reused by the filesystem while the kernel still knows the node.
 //!
 //! Lookup-count contract: every reply that hands the kernel an entry
 //! (lookup, create, mkdir, mknod, symlink, link, readdirplus) adds one; the
 //! kernel's `forget(n)` removes n; at zero the inode leaves the table. This
 //! module is the only place that mutates the table.
+//!
+//! Descriptors: the kernel keeps every inode of a large tree cached while
+//! memory allows, but a process may hold only so many descriptors (and an
+//! unprivileged container cannot raise the hard limit). So each inode keeps
+//! a kernel file handle, which costs no descriptor, and an `O_PATH`
+//! descriptor only while it sits in a bounded cache (`FdCache`); an evicted
+//! inode is reopened from its handle when next used. Inodes whose filesystem
+//! makes no handles (and the root) keep their descriptor for life.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use journal::{FileKind, FileState, InodeKey};
+use nix::errno::Errno;
 use parking_lot::{Mutex, RwLock};
 
 use crate::open::OpenState;
+use crate::sys::{self, FileHandle};
 
 pub const ROOT_NODE: u64 = 1;
 
@@ -27,7 +35,10 @@ pub struct Inode {
     pub node: u64,
     pub key: InodeKey,
     pub kind: FileKind,
-    fd: OwnedFd,
+    /// How to reopen the inode; `None`: its descriptor is never closed.
+    handle: Option<FileHandle>,
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+    cache: Arc<FdCache>,
     /// The file's journal identity and dirty state.
     pub file: Arc<FileState>,
     /// How the inode is currently open (see `open.rs`).
@@ -36,10 +47,75 @@ pub struct Inode {
     lookups: Mutex<u64>,
 }
 
-impl Inode {
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+/// An `O_PATH` descriptor of an inode, valid while this value lives even if
+/// the cache evicts it meanwhile.
+pub struct PathFd(Arc<OwnedFd>);
+
+impl AsFd for PathFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
     }
+}
+
+impl Inode {
+    /// The inode's `O_PATH` descriptor, reopened from its handle if evicted.
+    pub fn fd(self: &Arc<Self>) -> Result<PathFd, Errno> {
+        let mut slot = self.fd.lock();
+        if let Some(fd) = &*slot {
+            return Ok(PathFd(fd.clone()));
+        }
+        let handle = self
+            .handle
+            .as_ref()
+            .expect("only inodes with a handle lose their descriptor");
+        let fd = Arc::new(sys::open_by_handle(self.cache.mount.as_fd(), handle)?);
+        *slot = Some(fd.clone());
+        drop(slot);
+        self.cache.opened(self);
+        Ok(PathFd(fd))
+    }
+
+    fn close_fd(&self) {
+        if self.handle.is_some() {
+            self.fd.lock().take();
+        }
+    }
+}
+
+/// The bounded set of inodes holding an open descriptor, evicted oldest first.
+struct FdCache {
+    /// A (non-`O_PATH`) descriptor on the source's filesystem, for `open_by_handle_at`.
+    mount: OwnedFd,
+    open: Mutex<VecDeque<Weak<Inode>>>,
+    capacity: usize,
+}
+
+impl FdCache {
+    /// Records that `inode` now holds a descriptor, closing the oldest
+    /// others' beyond capacity. An inode may be queued more than once; an
+    /// early eviction only costs a reopen.
+    fn opened(&self, inode: &Arc<Inode>) {
+        if inode.handle.is_none() {
+            return;
+        }
+        let victims: Vec<Weak<Inode>> = {
+            let mut open = self.open.lock();
+            open.push_back(Arc::downgrade(inode));
+            let excess = open.len().saturating_sub(self.capacity);
+            open.drain(..excess).collect()
+        };
+        for victim in victims.iter().filter_map(Weak::upgrade) {
+            victim.close_fd();
+        }
+    }
+}
+
+/// How many inode descriptors to keep open: half of what the process may
+/// open, leaving the rest for open files, directories and the journal.
+fn fd_capacity() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    (soft / 2).clamp(256, 1 << 20) as usize
 }
 
 const SHARDS: usize = 64;
@@ -49,19 +125,33 @@ const SHARDS: usize = 64;
 pub struct InodeTable {
     shards: Vec<RwLock<HashMap<u64, Arc<Inode>>>>,
     root_key: InodeKey,
+    cache: Arc<FdCache>,
 }
 
 impl InodeTable {
-    pub fn new(root_fd: OwnedFd, root_key: InodeKey, root_file: Arc<FileState>) -> InodeTable {
+    pub fn new(
+        root_fd: OwnedFd,
+        root_key: InodeKey,
+        root_file: Arc<FileState>,
+    ) -> Result<InodeTable, Errno> {
+        let cache = Arc::new(FdCache {
+            // open_by_handle_at refuses an O_PATH descriptor here.
+            mount: sys::reopen(root_fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?.into(),
+            open: Mutex::new(VecDeque::new()),
+            capacity: fd_capacity(),
+        });
         let table = InodeTable {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             root_key,
+            cache: cache.clone(),
         };
         let root = Inode {
             node: ROOT_NODE,
             key: root_key,
             kind: FileKind::Dir,
-            fd: root_fd,
+            handle: None,
+            fd: Mutex::new(Some(Arc::new(root_fd))),
+            cache,
             file: root_file,
             open: Mutex::new(OpenState::default()),
             // The kernel never forgets the root.
@@ -71,7 +161,7 @@ impl InodeTable {
             .shard(ROOT_NODE)
             .write()
             .insert(ROOT_NODE, Arc::new(root));
-        table
+        Ok(table)
     }
 
     fn shard(&self, node: u64) -> &RwLock<HashMap<u64, Arc<Inode>>> {
@@ -91,38 +181,52 @@ impl InodeTable {
         self.shard(node).read().get(&node).cloned()
     }
 
-    /// Adds one kernel reference to the inode for `key`, creating the entry
-    /// with `make` (which receives the freshly opened descriptor) if the
-    /// kernel did not know it. When the inode is already known, `fd` is dropped.
+    /// Adds one kernel reference to the inode that `fd` (a fresh `O_PATH`
+    /// descriptor) names, creating the entry with `make_file` if the kernel
+    /// did not know it.
     pub fn reference(
         &self,
         key: InodeKey,
         kind: FileKind,
         fd: OwnedFd,
         make_file: impl FnOnce() -> Arc<FileState>,
-    ) -> Arc<Inode> {
+    ) -> Result<Arc<Inode>, Errno> {
+        // Handles are opened through the root's filesystem: an inode on
+        // another device keeps its descriptor instead.
+        let handle = match key.dev == self.root_key.dev {
+            true => sys::name_to_handle(fd.as_fd())?,
+            false => None,
+        };
         let node = self.node_of(key);
         let mut shard = self.shard(node).write();
         if let Some(inode) = shard.get(&node) {
-            if inode.key == key {
+            // A number the filesystem reused for a new file (the old one is
+            // gone) has another handle: that is a new inode.
+            let same_file = match (&inode.handle, &handle) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            };
+            if inode.key == key && same_file {
                 *inode.lookups.lock() += 1;
-                return inode.clone();
+                return Ok(inode.clone());
             }
-            // Same number on another device: the source spans filesystems.
-            // The newer inode wins; the old one stays reachable through its handles.
-            tracing::warn!(node, ?key, old = ?inode.key, "inode number collision across devices");
+            tracing::debug!(node, ?key, old = ?inode.key, "node number now names another inode");
         }
         let inode = Arc::new(Inode {
             node,
             key,
             kind,
-            fd,
+            handle,
+            fd: Mutex::new(Some(Arc::new(fd))),
+            cache: self.cache.clone(),
             file: make_file(),
             open: Mutex::new(OpenState::default()),
             lookups: Mutex::new(1),
         });
         shard.insert(node, inode.clone());
-        inode
+        drop(shard);
+        self.cache.opened(&inode);
+        Ok(inode)
     }
 
     /// Adds one kernel reference to an inode already in the table.

@@ -96,6 +96,61 @@ pub fn create_at(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> Sys
     Ok(File::from(fd))
 }
 
+/// A kernel file handle (`struct file_handle`, header and opaque bytes):
+/// names an inode durably, without holding a descriptor open.
+pub struct FileHandle(Box<[u32]>);
+
+/// Words of a `struct file_handle` buffer: the 8-byte header plus the
+/// largest handle the kernel makes.
+const HANDLE_WORDS: usize = (8 + libc::MAX_HANDLE_SZ as usize) / 4;
+
+/// The file handle of the inode behind `fd`, or `None` when its filesystem
+/// does not make them.
+pub fn name_to_handle(fd: BorrowedFd<'_>) -> SysResult<Option<FileHandle>> {
+    let mut buf = vec![0u32; HANDLE_WORDS].into_boxed_slice();
+    buf[0] = libc::MAX_HANDLE_SZ as u32;
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: the buffer is a `struct file_handle` whose `handle_bytes`
+    // (first word) says how much room follows the 8-byte header.
+    let ret = unsafe {
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            buf.as_mut_ptr().cast::<libc::file_handle>(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    match check(ret) {
+        Ok(_) => Ok(Some(FileHandle(buf))),
+        Err(Errno::EOPNOTSUPP) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens the inode a file handle names as an `O_PATH` descriptor;
+/// `mount` is any descriptor on the same filesystem.
+pub fn open_by_handle(mount: BorrowedFd<'_>, handle: &FileHandle) -> SysResult<OwnedFd> {
+    let mut buf = handle.0.clone();
+    // SAFETY: the buffer holds a `struct file_handle` filled by
+    // name_to_handle_at; the kernel only reads it.
+    owned(unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            buf.as_mut_ptr().cast::<libc::file_handle>(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })
+}
+
+impl PartialEq for FileHandle {
+    fn eq(&self, other: &Self) -> bool {
+        // handle_bytes, handle_type, then handle_bytes of opaque data.
+        let len = 2 + (self.0[0] as usize).div_ceil(4);
+        self.0[..len.min(self.0.len())] == other.0[..len.min(other.0.len())]
+    }
+}
+
 /// `fstatat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`: the attributes of the inode itself.
 pub fn stat_fd(fd: BorrowedFd<'_>) -> SysResult<libc::stat> {
     let mut st = MaybeUninit::<libc::stat>::uninit();
