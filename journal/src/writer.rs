@@ -71,6 +71,9 @@ impl Progress {
 
 /// Most messages folded into one group (one write(2)); bounds the latency a
 /// burst adds to the waiter at its head.
+/// How long the writer gathers records after the first of a group arrives.
+const GROUP_WINDOW: Duration = Duration::from_millis(1);
+
 const MAX_GROUP: usize = 4096;
 
 pub(crate) struct Writer {
@@ -102,6 +105,13 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            if matches!(first, Some(Msg::Record(_))) {
+                // Let the group fill: senders find the writer busy rather than
+                // parked and need not wake it, and one write(2) carries many
+                // records. A kill in this window loses at most these records,
+                // which recovery's reconcile scan finds (docs/DURABILITY.md).
+                std::thread::sleep(GROUP_WINDOW);
+            }
             let now = Instant::now();
             let mut want_sync = false;
             let mut want_checkpoint = now >= next_checkpoint;

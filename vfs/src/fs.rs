@@ -73,6 +73,9 @@ pub struct Opened {
     pub fh: u64,
     /// When set, the kernel is to do this file's reads and writes itself.
     pub passthrough: Option<BackingToken>,
+    /// Whether `flush` matters for this handle; when not, the kernel can
+    /// skip the round trip on every close.
+    pub needs_flush: bool,
 }
 
 /// One directory entry for readdir(plus).
@@ -644,13 +647,19 @@ impl JournalingFs {
         };
         state.opened(path);
         drop(state);
+        // Only a writer through ferry has ranges to record on close.
+        let needs_flush = writable && path == IoPath::Journaled;
         let fh = self.files.insert(FileHandle {
             inode: inode.clone(),
             file,
             path,
             writable,
         });
-        Ok(Opened { fh, passthrough })
+        Ok(Opened {
+            fh,
+            passthrough,
+            needs_flush,
+        })
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {

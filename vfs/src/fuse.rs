@@ -166,6 +166,14 @@ fn entry_reply(result: Result<crate::fs::Entry, nix::errno::Errno>, reply: Reply
     }
 }
 
+fn fopen_flags(opened: &Opened) -> FopenFlags {
+    if opened.needs_flush {
+        FopenFlags::empty()
+    } else {
+        FopenFlags::FOPEN_NOFLUSH
+    }
+}
+
 fn backing(token: &BackingToken) -> &BackingId {
     token
         .downcast_ref::<BackingId>()
@@ -354,14 +362,15 @@ impl Filesystem for FuseAdapter {
             self.passthrough_register(&register),
         );
         match result {
-            Ok(Opened {
-                fh,
-                passthrough: Some(token),
-            }) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), backing(&token)),
-            Ok(Opened {
-                fh,
-                passthrough: None,
-            }) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(opened) => {
+                let flags = fopen_flags(&opened);
+                match &opened.passthrough {
+                    Some(token) => {
+                        reply.opened_passthrough(FileHandle(opened.fh), flags, backing(token))
+                    }
+                    None => reply.opened(FileHandle(opened.fh), flags),
+                }
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -586,33 +595,24 @@ impl Filesystem for FuseAdapter {
             self.passthrough_register(&register),
         );
         match result {
-            Ok((
-                entry,
-                Opened {
-                    fh,
-                    passthrough: Some(token),
-                },
-            )) => reply.created_passthrough(
-                &TTL,
-                &attr(&entry.attr),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-                backing(&token),
-            ),
-            Ok((
-                entry,
-                Opened {
-                    fh,
-                    passthrough: None,
-                },
-            )) => reply.created(
-                &TTL,
-                &attr(&entry.attr),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((entry, opened)) => {
+                let (attr, fh, flags) = (
+                    attr(&entry.attr),
+                    FileHandle(opened.fh),
+                    fopen_flags(&opened),
+                );
+                match &opened.passthrough {
+                    Some(token) => reply.created_passthrough(
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                        fh,
+                        flags,
+                        backing(token),
+                    ),
+                    None => reply.created(&TTL, &attr, Generation(0), fh, flags),
+                }
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
