@@ -6,62 +6,18 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::Metadata;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
+
+use journal::FileKind;
 use std::path::{Path, PathBuf};
 
 use super::{Ids, Timestamp, VerifyError};
-
-/// The type of an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileType {
-    File,
-    Dir,
-    Symlink,
-    Fifo,
-    Socket,
-    CharDevice,
-    BlockDevice,
-}
-
-impl FileType {
-    fn of(ft: std::fs::FileType) -> FileType {
-        if ft.is_dir() {
-            FileType::Dir
-        } else if ft.is_symlink() {
-            FileType::Symlink
-        } else if ft.is_fifo() {
-            FileType::Fifo
-        } else if ft.is_socket() {
-            FileType::Socket
-        } else if ft.is_char_device() {
-            FileType::CharDevice
-        } else if ft.is_block_device() {
-            FileType::BlockDevice
-        } else {
-            // Linux has no other type; anything else that could appear is
-            // read as a regular file and will be compared as one.
-            FileType::File
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            FileType::File => "file",
-            FileType::Dir => "directory",
-            FileType::Symlink => "symlink",
-            FileType::Fifo => "fifo",
-            FileType::Socket => "socket",
-            FileType::CharDevice => "char device",
-            FileType::BlockDevice => "block device",
-        }
-    }
-}
 
 /// What `lstat` says about an entry, reduced to what is compared or needed
 /// to compare.
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
-    pub kind: FileType,
+    pub kind: FileKind,
     /// Permission bits including setuid, setgid and sticky.
     pub mode: u32,
     pub owner: Ids,
@@ -76,7 +32,8 @@ pub(super) struct Entry {
 impl Entry {
     pub fn from_metadata(m: &Metadata) -> Entry {
         Entry {
-            kind: FileType::of(m.file_type()),
+            // Linux has no other type; anything else would be compared as a file.
+            kind: FileKind::from_mode(m.mode()).unwrap_or(FileKind::File),
             mode: m.mode() & 0o7777,
             owner: Ids {
                 uid: m.uid(),

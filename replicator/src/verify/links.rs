@@ -8,8 +8,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
-use super::entry::{Entry, FileType};
+use super::entry::Entry;
 use super::{Difference, What};
+use journal::FileKind;
 
 /// The paths of one side that share an inode, by (st_dev, st_ino).
 #[derive(Debug, Default)]
@@ -21,7 +22,7 @@ impl Links {
     /// Notes `path`, which is on both sides. Directories cannot be hard
     /// linked; an entry with one link shares its inode with nothing.
     pub fn note(&mut self, entry: &Entry, path: &std::path::Path) {
-        if entry.kind != FileType::Dir && entry.nlink > 1 {
+        if entry.kind != FileKind::Dir && entry.nlink > 1 {
             self.groups
                 .entry((entry.dev, entry.ino))
                 .or_default()

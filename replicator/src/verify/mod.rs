@@ -30,7 +30,7 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use entry::FileType;
+pub use journal::FileKind;
 
 /// What to compare beyond the metadata.
 #[derive(Debug, Clone)]
@@ -82,11 +82,11 @@ pub struct Difference {
 /// The kind of a difference, with the source's and the replica's values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum What {
-    MissingInReplica(FileType),
-    ExtraInReplica(FileType),
+    MissingInReplica(FileKind),
+    ExtraInReplica(FileKind),
     Type {
-        source: FileType,
-        replica: FileType,
+        source: FileKind,
+        replica: FileKind,
     },
     Size {
         source: u64,

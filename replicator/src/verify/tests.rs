@@ -362,7 +362,7 @@ fn a_missing_directory_is_one_difference() {
         |r| fs::remove_dir_all(r.join("d")).expect("rm"),
         &[("d", "missing_in_replica")],
     );
-    assert_eq!(*only(&report), What::MissingInReplica(FileType::Dir));
+    assert_eq!(*only(&report), What::MissingInReplica(FileKind::Dir));
 }
 
 #[test]
@@ -391,8 +391,8 @@ fn a_fifo_is_compared_without_opening_it() {
     assert_eq!(
         *only(&report),
         What::Type {
-            source: FileType::Fifo,
-            replica: FileType::File
+            source: FileKind::Fifo,
+            replica: FileKind::File
         }
     );
 }

@@ -13,9 +13,10 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use super::content::{Hashers, Target};
-use super::entry::{self, Entry, FileType};
+use super::entry::{self, Entry};
 use super::links::{self, Links};
 use super::{Difference, Options, Report, Side, Skipped, VerifyError, What};
+use journal::FileKind;
 
 pub(super) fn run(source: &Path, replica: &Path, options: &Options) -> Result<Report, VerifyError> {
     let mut walk = Walk {
@@ -62,7 +63,7 @@ impl Root {
         let canonical = std::fs::canonicalize(path).map_err(root_error)?;
         let meta = std::fs::symlink_metadata(&canonical).map_err(root_error)?;
         let entry = Entry::from_metadata(&meta);
-        if entry.kind != FileType::Dir {
+        if entry.kind != FileKind::Dir {
             return Err(VerifyError::RootNotDirectory {
                 role,
                 path: path.to_path_buf(),
@@ -239,9 +240,9 @@ impl Walk<'_> {
             return false;
         }
         match source.kind {
-            FileType::File => self.compare_content(rel, source, replica),
-            FileType::Symlink => self.compare_targets(rel),
-            FileType::CharDevice | FileType::BlockDevice if source.rdev != replica.rdev => self
+            FileKind::File => self.compare_content(rel, source, replica),
+            FileKind::Symlink => self.compare_targets(rel),
+            FileKind::CharDevice | FileKind::BlockDevice if source.rdev != replica.rdev => self
                 .differ(
                     rel,
                     What::Rdev {
@@ -255,7 +256,7 @@ impl Walk<'_> {
         self.compare_xattrs(rel);
         self.source_links.note(source, rel);
         self.replica_links.note(replica, rel);
-        source.kind == FileType::Dir
+        source.kind == FileKind::Dir
     }
 
     /// Mode, owner and mtime, which every type has. Symlinks too: `rsync -a`
