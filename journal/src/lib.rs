@@ -12,10 +12,13 @@
 //!
 //! Code map: `journal` (the handle the mount calls, lock order), `state`
 //! (per-file dirty flag and ranges), `table` (the inode/path table and the one
-//! `apply`), `log` (segments and framing), `writer` (the thread that writes
-//! the log and checkpoints), `index` (redb), `recovery` (open), `reconcile`
-//! (scans), `reader` (read-only access), `lock`, `error`.
+//! `apply`), `changeset` (the net effect of the records between two sequence
+//! numbers, and its namespace steps in a valid order), `log` (segments and
+//! framing), `writer` (the thread that writes the log and checkpoints),
+//! `index` (redb), `recovery` (open), `reconcile` (scans), `reader`
+//! (read-only access), `lock`, `error`.
 
+mod changeset;
 mod error;
 mod id;
 mod index;
@@ -33,6 +36,10 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use changeset::{
+    Changeset, ContentChange, Edge, FileChange, MetadataChange, Namespace, NsStep, PlanError,
+    TEMP_PREFIX, merge_ranges,
+};
 pub use error::JournalError;
 pub use id::{FileId, FileKind, InodeKey, Seq};
 pub use journal::{Journal, OpenOptions, Recovery, Status};

@@ -1,0 +1,500 @@
+//! Changesets: the net effect of the records between two sequence numbers.
+//!
+//! A push takes a replica from the tree at `from` to the tree at `to`. What it
+//! needs is not the records themselves but their net effect per file: which
+//! files appeared and went away, their names before and after, which byte
+//! ranges and which metadata changed. [`Changeset::compute`] folds the records
+//! of `(from, to]` into that; [`Changeset::namespace_plan`] (in `plan`) turns
+//! the change of names into namespace operations that can be applied one by
+//! one, breaking swaps and cycles with temporary names as btrfs send does.
+//!
+//! A [`Namespace`] is the tree at one sequence number: the journal's table
+//! (built by the table's one `apply`, so it cannot disagree with the mount's
+//! table) plus an index from `(parent, name)` to the file.
+//!
+//! Invariants of a `Changeset`: a file appears in `files` only if something
+//! about it changed; a file that was created and removed within the range
+//! does not appear at all; a rename chain shows only its two ends.
+
+mod plan;
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ops::Bound;
+use std::path::PathBuf;
+
+use crate::id::{FileId, FileKind, Seq};
+use crate::record::{ByteRange, Name, Op, Record};
+use crate::table::{Table, touched};
+
+pub use plan::{NsStep, PlanError, TEMP_PREFIX};
+
+/// One name of a file: its parent directory and the name in it.
+pub type Edge = (FileId, Name);
+
+/// The tree at one sequence number: every file's kind and names, and which
+/// file each `(parent, name)` holds.
+#[derive(Clone, Debug, Default)]
+pub struct Namespace {
+    table: Table,
+    /// `(parent, name)` -> the file with that name. Kept in step with the
+    /// table's names by `apply`.
+    entries: BTreeMap<Edge, FileId>,
+}
+
+impl Namespace {
+    /// The tree before any record: the root directory alone.
+    pub fn new() -> Namespace {
+        Namespace {
+            table: Table::new(),
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// The tree after the records with `seq <= upto` (records must come in
+    /// sequence order; the first one past `upto` ends the replay).
+    pub fn replay<R: Borrow<Record>>(records: impl IntoIterator<Item = R>, upto: Seq) -> Namespace {
+        let mut ns = Namespace::new();
+        for r in records {
+            let r = r.borrow();
+            if r.seq > upto {
+                break;
+            }
+            ns.apply(r);
+        }
+        ns
+    }
+
+    /// Applies one record, through the table's `apply`.
+    pub fn apply(&mut self, r: &Record) {
+        let ids: Vec<FileId> = touched(&r.op).collect();
+        for id in &ids {
+            if let Some(e) = self.table.get(*id) {
+                for edge in &e.names {
+                    if self.entries.get(edge) == Some(id) {
+                        self.entries.remove(edge);
+                    }
+                }
+            }
+        }
+        self.table.apply(r);
+        for id in &ids {
+            if let Some(e) = self.table.get(*id) {
+                for edge in &e.names {
+                    self.entries.insert(edge.clone(), *id);
+                }
+            }
+        }
+    }
+
+    /// The sequence number of the last record applied.
+    pub fn seq(&self) -> Seq {
+        self.table.last_seq()
+    }
+
+    pub fn contains(&self, id: FileId) -> bool {
+        self.table.contains(id)
+    }
+
+    pub fn kind(&self, id: FileId) -> Option<FileKind> {
+        self.table.get(id).map(|e| e.kind)
+    }
+
+    /// Every name of `id` (several only for hard links; none for the root or
+    /// an unknown file), in the order the table keeps them.
+    pub fn names(&self, id: FileId) -> &[Edge] {
+        self.table
+            .get(id)
+            .map(|e| e.names.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// The file named `name` in directory `parent`.
+    pub fn lookup(&self, parent: FileId, name: &Name) -> Option<FileId> {
+        self.entries.get(&(parent, name.clone())).copied()
+    }
+
+    /// The entries of directory `parent`, in name order.
+    pub fn children(&self, parent: FileId) -> impl Iterator<Item = (&Name, FileId)> + '_ {
+        self.entries
+            .range(under(parent))
+            .map(|((_, n), id)| (n, *id))
+    }
+
+    /// Every `(parent, name) -> file` of the tree, in `(parent, name)` order.
+    pub fn edges(&self) -> impl Iterator<Item = (&Edge, FileId)> + '_ {
+        self.entries.iter().map(|(e, id)| (e, *id))
+    }
+
+    /// The path of `id` relative to the root, through its first name.
+    pub fn path_of(&self, id: FileId) -> Option<PathBuf> {
+        self.table.path_of(id)
+    }
+
+    /// The path of the name `name` in directory `parent`.
+    pub fn edge_path(&self, parent: FileId, name: &Name) -> Option<PathBuf> {
+        let mut p = self.path_of(parent)?;
+        p.push(name.as_os());
+        Some(p)
+    }
+
+    /// Number of files, the root included.
+    pub fn len(&self) -> u64 {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() <= 1
+    }
+}
+
+/// The bounds of the keys `(parent, _)` of a map keyed by edges.
+fn under(parent: FileId) -> (Bound<Edge>, Bound<Edge>) {
+    let lo = Bound::Included((parent, Name(Vec::new())));
+    let hi = match parent.0.checked_add(1) {
+        Some(next) => Bound::Excluded((FileId(next), Name(Vec::new()))),
+        None => Bound::Unbounded,
+    };
+    (lo, hi)
+}
+
+/// The net effect of the records in `(from, to]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changeset {
+    pub from: Seq,
+    pub to: Seq,
+    pub files: BTreeMap<FileId, FileChange>,
+}
+
+/// What happened to one file between `from` and `to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileChange {
+    pub kind: FileKind,
+    /// False: the file was created in `(from, to]` (and still exists).
+    pub existed_before: bool,
+    /// False: the file was removed by `to` (and existed at `from`).
+    pub exists_after: bool,
+    /// The file's names at `from`, sorted; empty when it did not exist.
+    pub names_before: Vec<Edge>,
+    /// The file's names at `to`, sorted; empty when it is gone.
+    pub names_after: Vec<Edge>,
+    pub content: ContentChange,
+    pub metadata: MetadataChange,
+}
+
+impl FileChange {
+    pub fn created(&self) -> bool {
+        !self.existed_before
+    }
+
+    pub fn removed(&self) -> bool {
+        !self.exists_after
+    }
+
+    /// Whether the file's set of names changed.
+    pub fn names_changed(&self) -> bool {
+        self.names_before != self.names_after
+    }
+}
+
+/// How a file's bytes changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ContentChange {
+    #[default]
+    Unchanged,
+    /// Changed in place. The replica's copy becomes the source's by:
+    /// truncating to `truncated_to` (when set), writing `ranges` read from the
+    /// source, then setting the size to the source's size.
+    Ranges {
+        /// Sorted, disjoint and not adjacent (merged).
+        ranges: Vec<ByteRange>,
+        /// The smallest size a truncation gave the file in the range. Bytes
+        /// past it that are not in `ranges` are zeros at the source (holes).
+        truncated_to: Option<u64>,
+    },
+    /// The whole content must be treated as new: the file was created in the
+    /// range (its content is sent whole) or rewritten wholesale (a delta
+    /// against what the replica holds).
+    Rewritten,
+}
+
+/// Which metadata changed. The final values are read from the source when
+/// the batch is made; the changeset says only what to read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetadataChange {
+    /// Permission bits.
+    pub mode: bool,
+    /// uid or gid.
+    pub owner: bool,
+    /// atime or mtime: set explicitly, or moved by a change of content or,
+    /// for a directory, of its entries.
+    pub times: bool,
+    /// Extended attributes set or removed, by name. For a created file this
+    /// is what the records said; the push must copy all of its xattrs.
+    pub xattrs: BTreeSet<Name>,
+}
+
+impl MetadataChange {
+    pub fn is_empty(&self) -> bool {
+        !self.mode && !self.owner && !self.times && self.xattrs.is_empty()
+    }
+
+    fn all() -> MetadataChange {
+        MetadataChange {
+            mode: true,
+            owner: true,
+            times: true,
+            xattrs: BTreeSet::new(),
+        }
+    }
+}
+
+/// Per-file state while folding records.
+#[derive(Default)]
+struct Fold {
+    created: bool,
+    rewritten: bool,
+    dirty: bool,
+    /// Unsorted until the end; clipped by each truncation.
+    ranges: Vec<ByteRange>,
+    truncated_to: Option<u64>,
+    metadata: MetadataChange,
+}
+
+impl Fold {
+    fn content(&mut self) -> ContentChange {
+        if self.created || self.rewritten {
+            return ContentChange::Rewritten;
+        }
+        if !self.dirty && self.ranges.is_empty() && self.truncated_to.is_none() {
+            return ContentChange::Unchanged;
+        }
+        ContentChange::Ranges {
+            ranges: merge_ranges(std::mem::take(&mut self.ranges)),
+            truncated_to: self.truncated_to,
+        }
+    }
+}
+
+/// Sorts ranges and merges the overlapping and adjacent ones; drops empty ones.
+pub fn merge_ranges(mut ranges: Vec<ByteRange>) -> Vec<ByteRange> {
+    ranges.retain(|r| r.len > 0);
+    ranges.sort_unstable();
+    let mut out: Vec<ByteRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.offset <= last.end() => {
+                let end = last.end().max(r.end());
+                last.len = end - last.offset;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+impl Changeset {
+    /// Folds the records of `(from, to]` over the tree at `from`.
+    ///
+    /// `before` is the namespace at `from` (`before.seq()` is taken as
+    /// `from`); `records` are the records with seq in `(from, to]`, in order
+    /// (records at or before `from` are skipped, so a log read from its start
+    /// may be passed, cut at `to`).
+    /// Costs time in the number of records and the files they name, not in
+    /// the size of the tree.
+    ///
+    /// Records about files unknown at that point change nothing, as in the
+    /// table (a write to a file unlinked while open). A `Dirty` record without
+    /// the `Write` records that follow it reads as "changed, no bytes known
+    /// yet": the caller must have the journal record pending ranges before it
+    /// chooses `to`.
+    pub fn compute<R: Borrow<Record>>(
+        before: &Namespace,
+        records: impl IntoIterator<Item = R>,
+    ) -> Changeset {
+        let from = before.seq();
+        let records: Vec<R> = records
+            .into_iter()
+            .filter(|r| r.borrow().seq > from)
+            .collect();
+        let mut to = from;
+
+        // The names after: the table's own `apply`, run over a table that
+        // holds only the files the records name, so the cost does not grow
+        // with the tree.
+        let mut ids: HashSet<FileId> = HashSet::new();
+        for r in &records {
+            ids.extend(touched(&r.borrow().op));
+        }
+        let seed = ids
+            .iter()
+            .filter(|id| **id != FileId::ROOT)
+            .filter_map(|id| before.table.get(*id).map(|e| (*id, e.clone())));
+        let mut after = Table::from_parts(seed, before.table.next_id(), from);
+
+        let mut folds: BTreeMap<FileId, Fold> = BTreeMap::new();
+        // Directories whose entries changed: their mtime moved at the source.
+        let mut parents: BTreeSet<FileId> = BTreeSet::new();
+        for r in &records {
+            let r = r.borrow();
+            to = to.max(r.seq);
+            let known = r.op.file_id().is_some_and(|id| after.contains(id));
+            // A file new to the replica: created, or found by the inventory
+            // when `from` is before it.
+            let new = matches!(&r.op, Op::Exists { id, .. } | Op::Create { id, .. }
+                if !after.contains(*id) && !before.contains(*id));
+            if let (true, Some(id)) = (new, r.op.file_id()) {
+                folds.entry(id).or_default().created = true;
+            }
+            after.apply(r);
+            if !known && !new {
+                continue;
+            }
+            match &r.op {
+                Op::MountStart { .. } | Op::MountStop => {}
+                // A further name found by the inventory is a new entry too.
+                Op::Exists { parent, .. }
+                | Op::Create { parent, .. }
+                | Op::Link { parent, .. }
+                | Op::Unlink { parent, .. }
+                | Op::Rmdir { parent, .. } => {
+                    parents.insert(*parent);
+                }
+                Op::Rename {
+                    from_parent,
+                    to_parent,
+                    ..
+                } => {
+                    parents.insert(*from_parent);
+                    parents.insert(*to_parent);
+                }
+                Op::Dirty { id } => {
+                    let f = folds.entry(*id).or_default();
+                    f.dirty = true;
+                    f.metadata.times = true;
+                }
+                Op::Write { id, ranges } => {
+                    let f = folds.entry(*id).or_default();
+                    if !f.rewritten && !f.created {
+                        f.ranges.extend(ranges.iter().copied());
+                    }
+                    f.metadata.times = true;
+                }
+                Op::Truncate { id, size } => {
+                    let f = folds.entry(*id).or_default();
+                    if !f.rewritten && !f.created {
+                        // Bytes past the new size are gone; if the file grows
+                        // again they come back as zeros, not as what was written.
+                        f.ranges.retain_mut(|r| {
+                            r.len = r.end().min(*size).saturating_sub(r.offset);
+                            r.len > 0
+                        });
+                        f.truncated_to = Some(f.truncated_to.map_or(*size, |t| t.min(*size)));
+                    }
+                    f.metadata.times = true;
+                }
+                Op::Rewritten { id, .. } => {
+                    let f = folds.entry(*id).or_default();
+                    f.rewritten = true;
+                    f.ranges = Vec::new();
+                    f.truncated_to = None;
+                    f.metadata.times = true;
+                }
+                Op::SetAttr { id, change, .. } => {
+                    let m = &mut folds.entry(*id).or_default().metadata;
+                    m.mode |= change.mode.is_some();
+                    m.owner |= change.uid.is_some() || change.gid.is_some();
+                    m.times |= change.atime.is_some() || change.mtime.is_some();
+                }
+                Op::SetXattr { id, name, .. } | Op::RemoveXattr { id, name, .. } => {
+                    folds
+                        .entry(*id)
+                        .or_default()
+                        .metadata
+                        .xattrs
+                        .insert(name.clone());
+                }
+            }
+        }
+        for p in parents {
+            folds.entry(p).or_default().metadata.times = true;
+        }
+        for id in &ids {
+            folds.entry(*id).or_default();
+        }
+
+        let mut files = BTreeMap::new();
+        for (id, mut fold) in folds {
+            let existed_before = before.contains(id);
+            // The table `after` holds only the files the records name; a
+            // directory that is only the parent of a change keeps its names.
+            let named = ids.contains(&id);
+            let exists_after = if named {
+                after.contains(id)
+            } else {
+                existed_before
+            };
+            if !existed_before && !exists_after {
+                // Created and removed within the range: nothing to send.
+                continue;
+            }
+            let Some(kind) = before.kind(id).or_else(|| after.get(id).map(|e| e.kind)) else {
+                continue;
+            };
+            let sorted = |names: &[Edge]| {
+                let mut v = names.to_vec();
+                v.sort();
+                v
+            };
+            let names_before = sorted(before.names(id));
+            let names_after = if named {
+                after.get(id).map(|e| sorted(&e.names)).unwrap_or_default()
+            } else {
+                names_before.clone()
+            };
+            let (content, metadata) = if !exists_after {
+                (ContentChange::Unchanged, MetadataChange::default())
+            } else if !existed_before {
+                let mut m = MetadataChange::all();
+                m.xattrs = std::mem::take(&mut fold.metadata.xattrs);
+                let content = if kind == FileKind::Dir {
+                    ContentChange::Unchanged
+                } else {
+                    ContentChange::Rewritten
+                };
+                (content, m)
+            } else {
+                let content = if kind == FileKind::Dir {
+                    ContentChange::Unchanged
+                } else {
+                    fold.content()
+                };
+                (content, fold.metadata)
+            };
+            let change = FileChange {
+                kind,
+                existed_before,
+                exists_after,
+                names_before,
+                names_after,
+                content,
+                metadata,
+            };
+            let unchanged = existed_before
+                && exists_after
+                && !change.names_changed()
+                && change.content == ContentChange::Unchanged
+                && change.metadata.is_empty();
+            if !unchanged {
+                files.insert(id, change);
+            }
+        }
+        Changeset { from, to, files }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
