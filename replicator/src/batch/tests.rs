@@ -1222,3 +1222,26 @@ proptest! {
         }
     }
 }
+
+/// Writes real batches as the fuzzer's seed corpus when asked:
+/// `FERRY_FUZZ_CORPUS=fuzz/corpus/batch_decode cargo test -p ferry-replicator -- --ignored write_fuzz_seed_corpus`
+#[test]
+#[ignore = "writes files; run explicitly to refresh the fuzz corpus"]
+fn write_fuzz_seed_corpus() {
+    let Some(dir) = std::env::var_os("FERRY_FUZZ_CORPUS") else { return };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).expect("create corpus dir");
+    let ops = sample_ops();
+    std::fs::write(dir.join("every-op"), write_batch(&ops)).expect("write seed");
+    std::fs::write(dir.join("empty"), write_batch(&[])).expect("write seed");
+    // One seed per op that can stand alone (a streamed file's parts cannot).
+    for (i, op) in ops.iter().enumerate() {
+        let mut w = BatchWriter::new(Vec::new(), header(1, op.data_len())).expect("header");
+        if w.push(op).is_err() {
+            continue;
+        }
+        if let Ok((seed, _)) = w.finish() {
+            std::fs::write(dir.join(format!("op-{i:02}-{}", op.name())), seed).expect("write seed");
+        }
+    }
+}
