@@ -1228,7 +1228,9 @@ proptest! {
 #[test]
 #[ignore = "writes files; run explicitly to refresh the fuzz corpus"]
 fn write_fuzz_seed_corpus() {
-    let Some(dir) = std::env::var_os("FERRY_FUZZ_CORPUS") else { return };
+    let Some(dir) = std::env::var_os("FERRY_FUZZ_CORPUS") else {
+        return;
+    };
     let dir = std::path::PathBuf::from(dir);
     std::fs::create_dir_all(&dir).expect("create corpus dir");
     let ops = sample_ops();
