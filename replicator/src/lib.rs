@@ -1,5 +1,6 @@
 //! Replication: comparing trees, the batch format, and (in progress) planning
 //! batches from the journal and applying them on a replica.
 
+pub mod apply;
 pub mod batch;
 pub mod verify;

@@ -1,0 +1,690 @@
+//! Applying a batch to a replica directory, with a near-atomic commit.
+//!
+//! ferry's state for a replica `/x/r` lives beside it, on the same
+//! filesystem, in `/x/.r.ferry/`:
+//!
+//! - `applied`: the applied sequence number, the source id and the
+//!   replica id (replaced atomically: temp file, fsync, rename, fsync);
+//! - `staging/`: new entries of the batch being applied, named by number;
+//! - `commit/log`: the steps of a batch whose metadata phase has begun,
+//!   and `commit/step.N`: an empty file whose name counts the steps done;
+//! - `lock`: flock'd by the one process applying to the replica.
+//!
+//! The protocol ([`apply`]), with the crash points the tests kill it at:
+//!
+//! 1. Finish any earlier commit (roll forward a `commit/log`), empty
+//!    `staging/`, read `applied`, and check the batch's header against it:
+//!    a batch already applied is skipped, a gap or an overlap is refused,
+//!    a batch for another source or replica is refused.
+//! 2. **Stage**: read the whole batch once, checking every operation
+//!    against a model of the replica at that point of the batch (see
+//!    `stage`); build every new entry (files with their final content and
+//!    mode, delta results verified against base and result hashes,
+//!    directories, symlinks, special files) in `staging/`, fsync each file
+//!    and then `staging/`. In-place writes and truncations are checked
+//!    against their base and result hashes and kept for the log. Only once
+//!    the trailer has been verified does anything go further: a damaged or
+//!    refused batch leaves the replica untouched (crash point 1).
+//! 3. **Log**: create `commit/step.0`; write the steps, each with the inode
+//!    it acts on, to `commit/log.tmp`, fsync, rename to `commit/log`, fsync
+//!    `commit/` (crash point 2).
+//! 4. **Metadata phase** (the commit window): run the steps in batch
+//!    order — installs of staged entries by rename, renames, links,
+//!    unlinks, rmdirs, in-place writes and truncations, content copied
+//!    into multiply-linked files, chmod, chown, utimes and xattrs — each
+//!    followed by a crash point and then by renaming `step.i` to
+//!    `step.i+1`; then every utimes again, so that directory times changed
+//!    by later entries end as the batch says. Then syncfs.
+//! 5. Write `applied` (crash point), remove the marker and `commit/log`
+//!    and fsync `commit/` (crash point), empty `staging/` (crash point).
+//!
+//! A crash anywhere rolls forward: the next [`apply`] or [`recover`] finds
+//! `commit/log` and runs the steps from the marker on. The step right at
+//! the marker may have been done (a crash between it and the marker's
+//! move): it acts only if its path still holds the inode it recorded (or,
+//! for an install, if the staged entry is still in `staging/`), which is
+//! exact because no later step has run. (Checking identity alone for every
+//! step would not be: after `rename a b; rename b a; rename a b`, replaying
+//! the first again would find `a` free but the second would find `b`
+//! holding the inode again.) Applying the same batch twice is a no-op (its
+//! `to_seq` is already applied).
+//!
+//! Durability: staged content, the log and `applied` are fsynced; the
+//! marker's renames are not, and rely on the filesystem journaling
+//! metadata in order (ext4, xfs, btrfs), so that it is never ahead of the
+//! renames it counts. In-place writes of the commit window are not fsynced
+//! before the marker passes them: a power failure (not a killed process)
+//! inside the commit window can lose them. The syncfs before `applied` makes
+//! the whole batch durable.
+//!
+//! Every path is resolved beneath the replica root without following a
+//! symlink (see `fsops`): a batch cannot read or write outside the root.
+
+mod commit;
+mod fsops;
+mod stage;
+
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod tests;
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::Mode;
+
+use crate::batch::{ANY_REPLICA, BatchError, BatchReader, validate};
+use commit::{CommitLog, Entry};
+use fsops::{Root, describe, fsync_dir};
+use stage::Stager;
+
+/// Knobs for tests.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// Test hook: stop after this many crash points of the protocol (see
+    /// the module docs), leaving everything as a kill would, and return
+    /// [`ApplyError::InjectedCrash`].
+    pub crash_after_step: Option<usize>,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub from_seq: u64,
+    pub to_seq: u64,
+    /// The batch was already applied: nothing was done.
+    pub skipped: bool,
+    /// An earlier, interrupted commit was rolled forward first.
+    pub recovered: bool,
+    /// Operations in the batch.
+    pub ops: u64,
+    /// Content bytes in the batch.
+    pub content_bytes: u64,
+    /// Entries built in staging.
+    pub staged: u64,
+    /// Steps of the metadata phase.
+    pub steps: u64,
+    /// First to last visible change, in microseconds.
+    pub commit_window_us: u64,
+    /// Metadata that could not be set (an xattr the filesystem refuses,
+    /// an owner without the privilege): reported, not fatal.
+    pub warnings: Vec<String>,
+}
+
+/// The replica's applied state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub seq: u64,
+    pub source_id: [u8; 16],
+    /// All zero until a batch made for a particular replica is applied.
+    pub replica_id: [u8; 16],
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Applied {
+    fn encode(&self) -> String {
+        format!(
+            "ferry-replica-state 1\nseq {}\nsource {}\nreplica {}\n",
+            self.seq,
+            hex(&self.source_id),
+            hex(&self.replica_id)
+        )
+    }
+
+    fn decode(s: &str) -> Option<Applied> {
+        let mut lines = s.lines();
+        if lines.next()? != "ferry-replica-state 1" {
+            return None;
+        }
+        let seq = lines.next()?.strip_prefix("seq ")?.parse().ok()?;
+        let source_id = unhex16(lines.next()?.strip_prefix("source ")?)?;
+        let replica_id = unhex16(lines.next()?.strip_prefix("replica ")?)?;
+        Some(Applied {
+            seq,
+            source_id,
+            replica_id,
+        })
+    }
+}
+
+/// Why a batch was not applied (or not completely).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Batch(#[from] BatchError),
+    #[error("replica state {path}: {what}: {source}")]
+    State {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error(
+        "the batch starts at seq {from_seq} but the replica has applied up to seq {applied}: \
+         the batch(es) covering seq {} to {from_seq} are missing; apply them first",
+        applied + 1
+    )]
+    Gap { applied: u64, from_seq: u64 },
+    #[error(
+        "the batch covers seq {from_seq} to {to_seq} but the replica has applied up to seq \
+         {applied}, in the middle of it: it belongs to another sequence of batches"
+    )]
+    Overlap {
+        applied: u64,
+        from_seq: u64,
+        to_seq: u64,
+    },
+    #[error("the batch comes from source {batch} but the replica follows source {replica}")]
+    WrongSource { batch: String, replica: String },
+    #[error("the batch was made for replica {batch}, not for this replica ({replica})")]
+    WrongReplica { batch: String, replica: String },
+    #[error("op {index} ({op} {path}): {reason}; nothing was applied")]
+    Op {
+        index: u64,
+        op: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error(
+        "op {index} ({op} {path}): the replica's file does not match the batch's base hash \
+         (it was changed behind ferry's back); nothing was applied: send {path} with full content"
+    )]
+    BaseMismatch {
+        index: u64,
+        op: &'static str,
+        path: String,
+    },
+    #[error(
+        "commit step {step} (op {index}, {op} {path}): {reason}; the commit log is kept and the \
+         next apply (or `recover`) finishes the batch"
+    )]
+    Commit {
+        step: usize,
+        index: u64,
+        op: String,
+        path: String,
+        reason: String,
+    },
+    #[error("injected crash after protocol step {0}")]
+    InjectedCrash(usize),
+}
+
+/// The directory holding ferry's state for `replica_root`: beside it,
+/// `.NAME.ferry`.
+pub fn state_dir(replica_root: &Path) -> Result<PathBuf, ApplyError> {
+    let err = |source| ApplyError::State {
+        path: replica_root.to_path_buf(),
+        what: "resolving the replica root",
+        source,
+    };
+    let root = replica_root.canonicalize().map_err(err)?;
+    match (root.parent(), root.file_name()) {
+        (Some(parent), Some(name)) => {
+            let mut n = std::ffi::OsString::from(".");
+            n.push(name);
+            n.push(".ferry");
+            Ok(parent.join(n))
+        }
+        _ => Err(err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the replica cannot be the filesystem root (its state lives beside it)",
+        ))),
+    }
+}
+
+/// The replica's applied state (`None` for a replica never applied to).
+pub fn read_applied(replica_root: &Path) -> Result<Option<Applied>, ApplyError> {
+    read_applied_in(&state_dir(replica_root)?)
+}
+
+fn read_applied_in(state: &Path) -> Result<Option<Applied>, ApplyError> {
+    let path = state.join("applied");
+    match fs::read_to_string(&path) {
+        Ok(s) => Applied::decode(&s)
+            .map(Some)
+            .ok_or_else(|| ApplyError::State {
+                path,
+                what: "reading",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a ferry replica state file",
+                ),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ApplyError::State {
+            path,
+            what: "reading",
+            source,
+        }),
+    }
+}
+
+/// Counts the protocol's crash points and stops at the chosen one.
+struct Crash {
+    n: usize,
+    at: Option<usize>,
+}
+
+impl Crash {
+    fn point(&mut self) -> Result<(), ApplyError> {
+        self.n += 1;
+        if self.at == Some(self.n) {
+            return Err(ApplyError::InjectedCrash(self.n));
+        }
+        Ok(())
+    }
+}
+
+/// An opened, locked replica.
+struct Replica {
+    state: PathBuf,
+    root: Root,
+    staging: OwnedFd,
+    _lock: Flock<File>,
+}
+
+impl Replica {
+    fn open(replica_root: &Path) -> Result<Replica, ApplyError> {
+        let state = state_dir(replica_root)?;
+        let st = |path: &Path, what: &'static str| {
+            let path = path.to_path_buf();
+            move |source| ApplyError::State { path, what, source }
+        };
+        for d in [state.clone(), state.join("staging"), state.join("commit")] {
+            // 0700: staged content must not be readable before the
+            // replica's own permissions apply to it.
+            match fs::DirBuilder::new().mode(0o700).create(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(st(&d, "creating")(e)),
+            }
+        }
+        let lock_path = state.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(st(&lock_path, "opening"))?;
+        let lock = Flock::lock(lock, FlockArg::LockExclusive)
+            .map_err(|(_, e)| st(&lock_path, "locking")(e.into()))?;
+        let root = Root::open(replica_root).map_err(st(replica_root, "opening the replica"))?;
+        let staging_path = state.join("staging");
+        let staging = nix::fcntl::open(
+            &staging_path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| st(&staging_path, "opening")(e.into()))?;
+        let sdev = nix::sys::stat::fstat(&staging)
+            .map_err(|e| st(&staging_path, "stat")(e.into()))?
+            .st_dev;
+        if sdev != root.dev {
+            return Err(st(&staging_path, "checking")(io::Error::other(
+                "the state directory is not on the replica's filesystem",
+            )));
+        }
+        Ok(Replica {
+            state,
+            root,
+            staging,
+            _lock: lock,
+        })
+    }
+
+    fn err(&self, path: PathBuf, what: &'static str) -> impl FnOnce(io::Error) -> ApplyError {
+        move |source| ApplyError::State { path, what, source }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.state.join("commit").join("log")
+    }
+
+    fn clean_staging(&self) -> Result<(), ApplyError> {
+        let dir = self.state.join("staging");
+        let entries = fs::read_dir(&dir).map_err(self.err(dir.clone(), "listing"))?;
+        for e in entries {
+            let e = e.map_err(self.err(dir.clone(), "listing"))?;
+            let p = e.path();
+            let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            r.map_err(self.err(p, "removing"))?;
+        }
+        Ok(())
+    }
+
+    fn write_applied(&self, a: &Applied) -> Result<(), ApplyError> {
+        let tmp = self.state.join("applied.tmp");
+        let path = self.state.join("applied");
+        let mut f = File::create(&tmp).map_err(self.err(tmp.clone(), "creating"))?;
+        f.write_all(a.encode().as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(self.err(tmp.clone(), "writing"))?;
+        fs::rename(&tmp, &path).map_err(self.err(path.clone(), "replacing"))?;
+        fsync_dir(&self.state).map_err(self.err(self.state.clone(), "fsync"))
+    }
+
+    fn write_log(&self, log: &CommitLog) -> Result<(), ApplyError> {
+        let dir = self.state.join("commit");
+        let tmp = dir.join("log.tmp");
+        let bytes = postcard::to_stdvec(log).expect("a commit log always serializes");
+        let mut f = File::create(&tmp).map_err(self.err(tmp.clone(), "creating"))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(self.err(tmp.clone(), "writing"))?;
+        fs::rename(&tmp, self.log_path()).map_err(self.err(self.log_path(), "renaming"))?;
+        fsync_dir(&dir).map_err(self.err(dir, "fsync"))
+    }
+
+    /// The number of steps done, from the marker `commit/step.N`.
+    fn read_progress(&self) -> Result<usize, ApplyError> {
+        Ok(self.markers()?.into_iter().max().unwrap_or(0))
+    }
+
+    fn markers(&self) -> Result<Vec<usize>, ApplyError> {
+        let dir = self.state.join("commit");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(self.err(dir.clone(), "listing"))? {
+            let e = e.map_err(self.err(dir.clone(), "listing"))?;
+            if let Some(n) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("step."))
+                .and_then(|n| n.parse().ok())
+            {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
+    fn marker(&self, n: usize) -> PathBuf {
+        self.state.join("commit").join(format!("step.{n}"))
+    }
+
+    /// Moves the marker past step `i`: one rename, no fsync. A rename is
+    /// journaled metadata, ordered after the step's own renames on the
+    /// journaling filesystems ferry supports, so the marker is never ahead
+    /// of the namespace changes it counts.
+    fn advance(&self, i: usize) -> Result<(), ApplyError> {
+        fs::rename(self.marker(i), self.marker(i + 1))
+            .map_err(self.err(self.marker(i + 1), "moving the commit marker"))
+    }
+
+    /// Removes every marker.
+    fn remove_progress(&self) -> Result<(), ApplyError> {
+        for n in self.markers()? {
+            match fs::remove_file(self.marker(n)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.err(self.marker(n), "removing")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_log(&self) -> Result<Option<CommitLog>, ApplyError> {
+        let path = self.log_path();
+        match fs::read(&path) {
+            Ok(b) => postcard::from_bytes(&b)
+                .map(Some)
+                .map_err(|e| ApplyError::State {
+                    path,
+                    what: "decoding the commit log",
+                    source: io::Error::new(io::ErrorKind::InvalidData, e),
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err(path, "reading")(e)),
+        }
+    }
+
+    /// Finishes an interrupted commit, if there is one. Returns whether
+    /// there was.
+    fn recover(&self, report: &mut ApplyReport) -> Result<bool, ApplyError> {
+        let Some(log) = self.read_log()? else {
+            self.clean_staging()?;
+            return Ok(false);
+        };
+        let applied = read_applied_in(&self.state)?;
+        let mut crash = Crash { n: 0, at: None };
+        if applied.is_some_and(|a| a.seq >= log.to_seq && a.source_id == log.source_id) {
+            self.finish(&mut crash)?;
+        } else {
+            self.commit(&log, report, &mut crash)?;
+        }
+        Ok(true)
+    }
+
+    /// The metadata phase and what follows it.
+    fn commit(
+        &self,
+        log: &CommitLog,
+        report: &mut ApplyReport,
+        crash: &mut Crash,
+    ) -> Result<(), ApplyError> {
+        // Steps before the marker are done; the one after it may be (a
+        // crash between a step and the marker's move): its inode check
+        // tells, and only for that step is the check exact, since no later
+        // step has run.
+        let done = self.read_progress()?;
+        let start = Instant::now();
+        for (i, e) in log.entries.iter().enumerate().skip(done) {
+            self.run(i, e, report)?;
+            crash.point()?;
+            self.advance(i)?;
+        }
+        // Times last: later entries change their directories' mtimes.
+        for (i, e) in log.entries.iter().enumerate() {
+            if e.step.is_utimes() {
+                self.run(i, e, report)?;
+            }
+        }
+        report.commit_window_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        report.steps = log.entries.len() as u64;
+        // `staging/` is on the replica's filesystem (checked at open),
+        // and an O_PATH descriptor cannot be synced.
+        nix::unistd::syncfs(&self.staging)
+            .map_err(|e| self.err(self.state.clone(), "syncfs")(e.into()))?;
+        self.write_applied(&Applied {
+            seq: log.to_seq,
+            source_id: log.source_id,
+            replica_id: log.replica_id,
+        })?;
+        crash.point()?;
+        self.finish(crash)
+    }
+
+    /// Removes the commit log, then whatever is left in staging.
+    fn finish(&self, crash: &mut Crash) -> Result<(), ApplyError> {
+        let dir = self.state.join("commit");
+        // The progress first: it belongs to this log, and must not outlive
+        // it.
+        self.remove_progress()?;
+        match fs::remove_file(self.log_path()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.err(self.log_path(), "removing")(e)),
+        }
+        fsync_dir(&dir).map_err(self.err(dir, "fsync"))?;
+        crash.point()?;
+        self.clean_staging()?;
+        crash.point()
+    }
+
+    fn run(&self, i: usize, e: &Entry, report: &mut ApplyReport) -> Result<(), ApplyError> {
+        use std::os::fd::AsFd;
+        match commit::run(&self.root, self.staging.as_fd(), &e.step) {
+            Ok(()) => Ok(()),
+            // Metadata the filesystem or our privileges refuse is reported
+            // and the commit goes on (as rsync does); never a symlink in
+            // the path.
+            Err(err) if e.step.is_meta() && !matches!(err, Errno::ELOOP | Errno::EXDEV) => {
+                report.warnings.push(format!(
+                    "op {} ({} {}): {}",
+                    e.index,
+                    e.op,
+                    e.step.path(),
+                    describe(err)
+                ));
+                Ok(())
+            }
+            Err(err) => Err(ApplyError::Commit {
+                step: i,
+                index: e.index,
+                op: e.op.clone(),
+                path: e.step.path().to_string(),
+                reason: describe(err),
+            }),
+        }
+    }
+}
+
+/// Applies the batch read from `batch` to the replica at `replica_root`
+/// (see the module docs for the protocol). The batch is read once;
+/// nothing visible changes before its trailer has been verified.
+pub fn apply<R: Read>(
+    replica_root: &Path,
+    batch: R,
+    options: &ApplyOptions,
+) -> Result<ApplyReport, ApplyError> {
+    apply_from(replica_root, &mut BatchReader::new(batch)?, options)
+}
+
+/// As [`apply`], from a reader whose header has been read (a batch
+/// embedded in a protocol stream: [`BatchReader::in_stream`]). A batch
+/// that is skipped as already applied is left unread: the caller drains
+/// or drops the stream.
+pub fn apply_from<R: Read>(
+    replica_root: &Path,
+    reader: &mut BatchReader<R>,
+    options: &ApplyOptions,
+) -> Result<ApplyReport, ApplyError> {
+    let rep = Replica::open(replica_root)?;
+    let mut report = ApplyReport {
+        recovered: rep.recover(&mut ApplyReport::default())?,
+        ..ApplyReport::default()
+    };
+    let applied = read_applied_in(&rep.state)?;
+    let h = reader.header().clone();
+    report.from_seq = h.from_seq;
+    report.to_seq = h.to_seq;
+    let mut replica_id = h.replica_id;
+    if let Some(a) = applied {
+        if a.source_id != h.source_id {
+            return Err(ApplyError::WrongSource {
+                batch: hex(&h.source_id),
+                replica: hex(&a.source_id),
+            });
+        }
+        if a.replica_id != ANY_REPLICA {
+            if h.replica_id != ANY_REPLICA && h.replica_id != a.replica_id {
+                return Err(ApplyError::WrongReplica {
+                    batch: hex(&h.replica_id),
+                    replica: hex(&a.replica_id),
+                });
+            }
+            replica_id = a.replica_id;
+        }
+        if h.to_seq <= a.seq {
+            report.skipped = true;
+            return Ok(report);
+        }
+    }
+    let applied_seq = applied.map_or(0, |a| a.seq);
+    if h.from_seq > applied_seq {
+        return Err(ApplyError::Gap {
+            applied: applied_seq,
+            from_seq: h.from_seq,
+        });
+    }
+    if h.from_seq < applied_seq {
+        return Err(ApplyError::Overlap {
+            applied: applied_seq,
+            from_seq: h.from_seq,
+            to_seq: h.to_seq,
+        });
+    }
+
+    let mut crash = Crash {
+        n: 0,
+        at: options.crash_after_step,
+    };
+    let staged = Stager::new(&rep.root, &rep.staging).run(reader);
+    let (entries, staged) = match staged {
+        Ok(s) => s,
+        Err(e) => {
+            // Best effort: the next apply empties staging anyway.
+            let _ = rep.clean_staging();
+            return Err(e);
+        }
+    };
+    nix::unistd::fsync(&rep.staging)
+        .map_err(|e| rep.err(rep.state.join("staging"), "fsync")(e.into()))?;
+    report.ops = reader.stats().ops;
+    report.content_bytes = reader.stats().content_bytes;
+    report.staged = staged;
+    crash.point()?;
+
+    let log = CommitLog {
+        source_id: h.source_id,
+        replica_id,
+        from_seq: h.from_seq,
+        to_seq: h.to_seq,
+        entries,
+    };
+    rep.remove_progress()?;
+    File::create(rep.marker(0)).map_err(rep.err(rep.marker(0), "creating"))?;
+    rep.write_log(&log)?;
+    crash.point()?;
+    rep.commit(&log, &mut report, &mut crash)?;
+    Ok(report)
+}
+
+/// Applies a batch file: validates the whole file first (every frame,
+/// every compressed chunk, the trailer), then applies it.
+pub fn apply_file(
+    replica_root: &Path,
+    batch: &Path,
+    options: &ApplyOptions,
+) -> Result<ApplyReport, ApplyError> {
+    let open = || {
+        File::open(batch)
+            .map(BufReader::new)
+            .map_err(|source| ApplyError::State {
+                path: batch.to_path_buf(),
+                what: "opening the batch",
+                source,
+            })
+    };
+    validate(open()?)?;
+    apply(replica_root, open()?, options)
+}
+
+/// Finishes a commit interrupted by a crash, if there is one; returns
+/// whether there was. [`apply`] does this first on its own.
+pub fn recover(replica_root: &Path) -> Result<bool, ApplyError> {
+    Replica::open(replica_root)?.recover(&mut ApplyReport::default())
+}
