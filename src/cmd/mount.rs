@@ -39,8 +39,11 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         plan.mountpoint.display(),
         plan.state.display()
     );
-    let result = serve(&plan, &mut |_| {});
-    if result.is_err() && plan.state_created {
+    // A state directory this run created is removed if the mount never
+    // became ready; once it served, its journal is kept whatever happens.
+    let mut served = false;
+    let result = serve(&plan, &mut |_| served = true);
+    if result.is_err() && plan.state_created && !served {
         let _ = std::fs::remove_dir_all(&plan.state);
     }
     result
@@ -157,8 +160,7 @@ fn background(plan: Plan) -> anyhow::Result<()> {
 
 /// Points the background process's stdio at the state directory's log.
 fn detach_stdio(state: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(state)
-        .with_context(|| format!("creating state directory {}", state.display()))?;
+    create_state_dir(state)?;
     let log_path = state.join("mount.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -179,6 +181,16 @@ fn detach_stdio(state: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates the state directory (and missing parents) readable by root only.
+fn create_state_dir(state: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state)
+        .with_context(|| format!("creating state directory {}", state.display()))
+}
+
 /// Opens the journal, mounts, reports readiness, serves until a signal or an
 /// external unmount, then unmounts and closes the journal cleanly.
 fn serve(plan: &Plan, ready: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
@@ -188,12 +200,13 @@ fn serve(plan: &Plan, ready: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
         signals.add(s);
     }
     signals.thread_block().context("blocking signals")?;
-    // New files get exactly the mode the filesystem computes.
-    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     raise_fd_limit()?;
-
-    std::fs::create_dir_all(&plan.state)
-        .with_context(|| format!("creating state directory {}", plan.state.display()))?;
+    // Before the umask is cleared: the journal's directory is private, so
+    // the files the journal creates later (under umask 0) are reachable by
+    // root only.
+    create_state_dir(&plan.state)?;
+    // New files in the source get exactly the mode the filesystem computes.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     let options = OpenOptions {
         force_reconcile: plan.reconcile,
         ..OpenOptions::default()

@@ -484,3 +484,67 @@ fn more_inodes_than_descriptors() {
         .count();
     assert!(open < 400, "the mount holds {open} descriptors");
 }
+
+/// `open(O_RDONLY | O_TRUNC)` empties a file natively; exchanging two names
+/// of one inode does nothing. Both behave the same through the mount.
+#[test]
+fn read_only_truncate_and_self_exchange_match_native() {
+    use std::os::unix::ffi::OsStrExt;
+    let native = crate::util::open_tempdir();
+    let tm = TestMount::new();
+    let outcome = |dir: &Path| {
+        std::fs::write(dir.join("t"), b"content").expect("write");
+        let c = crate::util::cstr(&dir.join("t"));
+        // SAFETY: a valid C string; the descriptor is closed right after.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_TRUNC) };
+        assert!(
+            fd >= 0,
+            "open O_RDONLY|O_TRUNC in {}: errno {}",
+            dir.display(),
+            crate::util::errno()
+        );
+        // SAFETY: fd was just opened.
+        unsafe { libc::close(fd) };
+        std::fs::write(dir.join("a"), b"x").expect("write");
+        std::fs::hard_link(dir.join("a"), dir.join("b")).expect("link");
+        let (a, b) = (
+            crate::util::cstr(&dir.join("a")),
+            crate::util::cstr(&dir.join("b")),
+        );
+        // SAFETY: valid C strings.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                a.as_ptr(),
+                libc::AT_FDCWD,
+                b.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        let mut names: Vec<Vec<u8>> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().as_bytes().to_vec())
+            .collect();
+        names.sort();
+        (
+            std::fs::metadata(dir.join("t")).expect("stat").len(),
+            rc,
+            names,
+        )
+    };
+    let expected = outcome(native.path());
+    assert_eq!(expected.0, 0, "native O_RDONLY|O_TRUNC empties the file");
+    assert_eq!(outcome(&tm.mnt), expected);
+    // The self-exchange left no record: the journal's names still match the tree.
+    let records = tm.log(false);
+    assert!(
+        !records.iter().any(|r| r["op"] == "rename"),
+        "a no-op exchange was journaled: {records:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["op"] == "rewritten" && r["path"] == "t"),
+        "O_TRUNC not journaled"
+    );
+}

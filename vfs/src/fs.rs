@@ -424,8 +424,9 @@ impl JournalingFs {
         )?;
         self.journal
             .linked(inode.file.id(), dir.file.id(), new_name);
-        self.inodes.reference_known(&inode);
         let st = sys::stat_fd(inode.fd()?.as_fd())?;
+        // Last, so that no error path leaves a reference the kernel never got.
+        self.inodes.reference_known(&inode);
         Ok(self.entry_of(&inode, st))
     }
 
@@ -477,11 +478,12 @@ impl JournalingFs {
             &sys::cname(new_name)?,
             flags,
         )?;
-        // Renaming a name onto another name of the same inode is a no-op.
+        // Renaming (or exchanging) a name with another name of the same
+        // inode does nothing, natively: record nothing.
         let replaced = target
             .filter(|(_, st)| key_of(st) != key_of(&moved_st))
             .map(|(id, _)| id);
-        if target.is_some() && replaced.is_none() && mode != RenameMode::Exchange {
+        if target.is_some() && replaced.is_none() {
             return Ok(());
         }
         self.journal.renamed(
@@ -560,16 +562,33 @@ impl JournalingFs {
             Ok(file) => file,
             Err(Errno::EEXIST) if flags & libc::O_EXCL == 0 => {
                 let (inode, st) = self.reference_child(&dir, name)?;
-                let opened = self.open_inode(caller, &inode, flags, false, None, register)?;
-                return Ok((self.entry_of(&inode, st), opened));
+                let opened = self.open_inode(caller, &inode, flags, false, None, register);
+                return self.entry_and_open(inode, st, opened);
             }
             Err(e) => return Err(e),
         };
         let fd = sys::open_path_at(dir.fd()?.as_fd(), &c)?;
         self.give_to_caller(&dir, &fd, caller, Some(perm))?;
         let (inode, st) = self.reference_created(&dir, name, fd)?;
-        let opened = self.open_inode(caller, &inode, flags, true, Some(file), register)?;
-        Ok((self.entry_of(&inode, st), opened))
+        let opened = self.open_inode(caller, &inode, flags, true, Some(file), register);
+        self.entry_and_open(inode, st, opened)
+    }
+
+    /// The reply of a create; a failed open gives back the reference the
+    /// kernel will not receive.
+    fn entry_and_open(
+        &self,
+        inode: Arc<Inode>,
+        st: libc::stat,
+        opened: FsResult<Opened>,
+    ) -> FsResult<(Entry, Opened)> {
+        match opened {
+            Ok(opened) => Ok((self.entry_of(&inode, st), opened)),
+            Err(e) => {
+                self.inodes.forget(inode.node, 1);
+                Err(e)
+            }
+        }
     }
 
     pub fn open(
@@ -619,7 +638,10 @@ impl JournalingFs {
             None => IoPath::Journaled,
         };
         let unknown_ranges = writable && (path == IoPath::Passthrough || anew);
-        if unknown_ranges && !created {
+        // A created file is new content already; O_TRUNC empties an existing
+        // one even when opened read-only, as Linux does when permitted.
+        let truncate = truncate && !created;
+        if (unknown_ranges || truncate) && !created {
             self.journal
                 .mark_rewritten(&inode.file, Origin::Mount)
                 .map_err(journal_errno)?;
@@ -628,7 +650,10 @@ impl JournalingFs {
             if drops_privileges {
                 self.drop_privileges(inode, caller)?;
             }
-            sys::ftruncate(&file, 0)?;
+            match writable {
+                true => sys::ftruncate(&file, 0)?,
+                false => sys::truncate_path(inode.fd()?.as_fd(), 0)?,
+            }
         }
         let (file, passthrough) = match path {
             IoPath::Journaled => (Arc::new(file), None),
@@ -693,7 +718,12 @@ impl JournalingFs {
             .map_err(journal_errno)?;
         let mut done = 0;
         while done < data.len() {
-            done += sys::pwrite(&h.file, &data[done..], offset + done as u64)?;
+            match sys::pwrite(&h.file, &data[done..], offset + done as u64) {
+                Ok(n) => done += n,
+                // Like write(2): what was written counts, the error comes next time.
+                Err(_) if done > 0 => break,
+                Err(e) => return Err(e),
+            }
         }
         if kill_privileges {
             self.drop_privileges(&h.inode, caller)?;
@@ -838,12 +868,20 @@ impl JournalingFs {
             s.next = 0;
             s.position = offset;
         }
+        // Once an entry was handed over, an error must not fail the reply:
+        // the kernel would drop the entries (and with readdirplus, the
+        // references they carry). End the batch instead; the next call
+        // resumes at the failing entry and reports the error then.
+        let mut added = false;
+        let stop = |err: Errno, added: bool| if added { Ok(()) } else { Err(err) };
         loop {
             if s.next == s.entries.len() {
                 s.entries.clear();
                 s.next = 0;
-                if sys::getdents(&s.dir, &mut s.buf, &mut s.entries)? == 0 {
-                    return Ok(());
+                match sys::getdents(&s.dir, &mut s.buf, &mut s.entries) {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(err) => return stop(err, added),
                 }
             }
             let e = &s.entries[s.next];
@@ -858,7 +896,7 @@ impl JournalingFs {
                         s.next += 1;
                         continue;
                     }
-                    Err(err) => return Err(err),
+                    Err(err) => return stop(err, added),
                 }
             } else {
                 let ino = if dot && e.name == b"." {
@@ -883,6 +921,7 @@ impl JournalingFs {
                 }
                 return Ok(());
             }
+            added = true;
             s.position = next_offset;
             s.next += 1;
         }

@@ -199,6 +199,9 @@ impl InodeTable {
         };
         let node = self.node_of(key);
         let mut shard = self.shard(node).write();
+        // The kernel counts lookups per node id: a node id that now names
+        // another inode inherits the count the kernel still holds for it.
+        let mut inherited = 0;
         if let Some(inode) = shard.get(&node) {
             // A number the filesystem reused for a new file (the old one is
             // gone) has another handle: that is a new inode.
@@ -210,7 +213,17 @@ impl InodeTable {
                 *inode.lookups.lock() += 1;
                 return Ok(inode.clone());
             }
+            if node == ROOT_NODE {
+                // Inode 1 of another filesystem inside the source: node 1 is
+                // the root's, whatever else carries the number.
+                tracing::warn!(
+                    ?key,
+                    "an inode numbered 1 inside the source cannot be served"
+                );
+                return Err(Errno::EIO);
+            }
             tracing::debug!(node, ?key, old = ?inode.key, "node number now names another inode");
+            inherited = *inode.lookups.lock();
         }
         let inode = Arc::new(Inode {
             node,
@@ -221,7 +234,7 @@ impl InodeTable {
             cache: self.cache.clone(),
             file: make_file(),
             open: Mutex::new(OpenState::default()),
-            lookups: Mutex::new(1),
+            lookups: Mutex::new(inherited + 1),
         });
         shard.insert(node, inode.clone());
         drop(shard);

@@ -21,6 +21,9 @@ use crate::fuse::FuseAdapter;
 
 const FUSECTL: &str = "/sys/fs/fuse/connections";
 
+/// How long to wait for the session to end once its connection was aborted.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How to mount.
 pub struct MountConfig {
     /// Shown as the mount's source in /proc/mounts; ferry puts the state
@@ -126,7 +129,16 @@ impl Mounted {
                     "files are still open on the detached mount; aborting the connection"
                 );
                 self.abort();
-                self.ended.recv().unwrap_or(Ok(()))
+                match self.ended.recv_timeout(ABORT_TIMEOUT) {
+                    Ok(result) => result,
+                    // The abort did not take (no fusectl, say): leave the
+                    // session thread behind, the journal must still be closed.
+                    Err(_) => {
+                        return Err(io::Error::other(
+                            "the FUSE connection did not end after abort",
+                        ));
+                    }
+                }
             }
             Err(RecvTimeoutError::Disconnected) => Ok(()),
         };
