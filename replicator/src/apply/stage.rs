@@ -162,6 +162,19 @@ impl<'a> Stager<'a> {
         self.err(format!("{what}: {}", describe(e)))
     }
 
+    /// Opens the staged file numbered `id` (staged files are named by number).
+    fn open_staged(&self, id: u32, access: OFlag) -> Result<File, ApplyError> {
+        let name = CString::new(id.to_string()).expect("digits");
+        openat(
+            self.staging,
+            name.as_c_str(),
+            access | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map(File::from)
+        .map_err(|e| self.errno("opening the staged file", e))
+    }
+
     fn io(&self, what: &str, e: io::Error) -> ApplyError {
         self.err(format!("{what}: {e}"))
     }
@@ -741,15 +754,7 @@ impl<'a> Stager<'a> {
             }
             Node::Staged { id, .. } => {
                 // Not visible yet: change the staged file itself.
-                let name = CString::new(id.to_string()).expect("digits");
-                let fd = openat(
-                    self.staging,
-                    name.as_c_str(),
-                    OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| self.errno("opening the staged file", e))?;
-                let mut f = File::from(fd);
+                let mut f = self.open_staged(id, OFlag::O_RDWR)?;
                 if let Some((base, _)) = hashes
                     && hash_file(&mut f).map_err(|e| self.io("reading", e))? != base
                 {
@@ -835,15 +840,7 @@ impl<'a> Stager<'a> {
                 (data, f)
             }
             Node::Staged { id, .. } => {
-                let name = CString::new(id.to_string()).expect("digits");
-                let fd = openat(
-                    self.staging,
-                    name.as_c_str(),
-                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| self.errno("opening the staged file", e))?;
-                let mut f = File::from(fd);
+                let mut f = self.open_staged(*id, OFlag::O_RDONLY)?;
                 if f.metadata().map_err(|e| self.io("stat", e))?.len() > MAX_DELTA_BASE {
                     return Err(self.err(format!(
                         "the file is larger than {MAX_DELTA_BASE} bytes: send it with full content"
