@@ -177,42 +177,30 @@ impl JournalingFs {
     ) -> FsResult<(Arc<Inode>, libc::stat)> {
         let c = sys::cname(name)?;
         let fd = sys::open_path_at(dir.fd()?.as_fd(), &c)?;
-        self.reference_fd(dir, name, fd)
+        self.reference_fd(dir, name, fd, false)
     }
 
+    /// Takes a kernel reference on the inode `fd` opens at `dir/name`. The
+    /// journal meets a file it does not know as `created` by this operation,
+    /// or else as found (`identify`: it appeared behind the mount's back).
     fn reference_fd(
         &self,
         dir: &Arc<Inode>,
         name: &OsStr,
         fd: OwnedFd,
+        created: bool,
     ) -> FsResult<(Arc<Inode>, libc::stat)> {
         let st = sys::stat_fd(fd.as_fd())?;
         let key = key_of(&st);
         let kind = kind_of(&st)?;
         let inode = self.inodes.reference(key, kind, fd, || {
-            let id = self.journal.identify(dir.file.id(), name, key, kind);
+            let id = match created {
+                true => self.journal.created(dir.file.id(), name, key, kind),
+                false => self.journal.identify(dir.file.id(), name, key, kind),
+            };
             self.journal
                 .file_state(id)
-                .expect("identify returns a live id")
-        })?;
-        Ok((inode, st))
-    }
-
-    /// Like `reference_child`, for an entry this operation just created.
-    fn reference_created(
-        &self,
-        dir: &Arc<Inode>,
-        name: &OsStr,
-        fd: OwnedFd,
-    ) -> FsResult<(Arc<Inode>, libc::stat)> {
-        let st = sys::stat_fd(fd.as_fd())?;
-        let key = key_of(&st);
-        let kind = kind_of(&st)?;
-        let inode = self.inodes.reference(key, kind, fd, || {
-            let id = self.journal.created(dir.file.id(), name, key, kind);
-            self.journal
-                .file_state(id)
-                .expect("created returns a live id")
+                .expect("the journal returns a live id")
         })?;
         Ok((inode, st))
     }
@@ -410,7 +398,7 @@ impl JournalingFs {
     ) -> FsResult<Entry> {
         let fd = sys::open_path_at(dir.fd()?.as_fd(), c)?;
         self.give_to_caller(dir, &fd, caller, mode)?;
-        let (inode, st) = self.reference_created(dir, name, fd)?;
+        let (inode, st) = self.reference_fd(dir, name, fd, true)?;
         Ok(self.entry_of(&inode, st))
     }
 
@@ -569,7 +557,7 @@ impl JournalingFs {
         };
         let fd = sys::open_path_at(dir.fd()?.as_fd(), &c)?;
         self.give_to_caller(&dir, &fd, caller, Some(perm))?;
-        let (inode, st) = self.reference_created(&dir, name, fd)?;
+        let (inode, st) = self.reference_fd(&dir, name, fd, true)?;
         let opened = self.open_inode(caller, &inode, flags, true, Some(file), register);
         self.entry_and_open(inode, st, opened)
     }
