@@ -319,6 +319,29 @@ impl<'a> Stager<'a> {
     }
 
     /// Records a staged entry at `p` and the step that installs it.
+    /// Gives a new staged entry its final mode (made private first, so no
+    /// one can open it meanwhile) and records it as the entry at `p`.
+    fn finish_staged(
+        &mut self,
+        p: &RelPath,
+        id: u32,
+        name: &CString,
+        mode: Option<u32>,
+    ) -> Result<(), ApplyError> {
+        if let Some(mode) = mode {
+            fchmodat(
+                self.staging,
+                name.as_c_str(),
+                Mode::from_bits_retain(mode),
+                FchmodatFlags::FollowSymlink,
+            )
+            .map_err(|e| self.errno("chmod in staging", e))?;
+        }
+        let st = self.staged_stat(name)?;
+        self.install(p, id, &st);
+        Ok(())
+    }
+
     fn install(&mut self, p: &RelPath, id: u32, st: &FileStat) {
         self.install_replacing(p, id, st, None);
     }
@@ -394,23 +417,14 @@ impl<'a> Stager<'a> {
                     Mode::from_bits_truncate(0o700),
                 )
                 .map_err(|e| self.errno("mkdir in staging", e))?;
-                fchmodat(
-                    self.staging,
-                    name.as_c_str(),
-                    Mode::from_bits_retain(mode),
-                    FchmodatFlags::FollowSymlink,
-                )
-                .map_err(|e| self.errno("chmod in staging", e))?;
-                let st = self.staged_stat(&name)?;
-                self.install(&path, id, &st);
+                self.finish_staged(&path, id, &name, Some(mode))?;
             }
             Op::Symlink { path, target } => {
                 self.check_new(&path, false)?;
                 let (id, name) = self.new_id();
                 symlinkat(OsStr::from_bytes(&target), self.staging, name.as_c_str())
                     .map_err(|e| self.errno("symlink in staging", e))?;
-                let st = self.staged_stat(&name)?;
-                self.install(&path, id, &st);
+                self.finish_staged(&path, id, &name, None)?;
             }
             Op::Mknod {
                 path,
@@ -434,15 +448,7 @@ impl<'a> Stager<'a> {
                     rdev,
                 )
                 .map_err(|e| self.errno("mknod in staging", e))?;
-                fchmodat(
-                    self.staging,
-                    name.as_c_str(),
-                    Mode::from_bits_retain(mode),
-                    FchmodatFlags::FollowSymlink,
-                )
-                .map_err(|e| self.errno("chmod in staging", e))?;
-                let st = self.staged_stat(&name)?;
-                self.install(&path, id, &st);
+                self.finish_staged(&path, id, &name, Some(mode))?;
             }
             Op::CreateFile {
                 path,
