@@ -1,24 +1,17 @@
 //! Refused mounts: a clear one-line error, a non-zero exit, nothing mounted,
 //! nothing left behind (the state directory is not created).
 
-use std::ffi::OsStr;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
 use crate::util::{
-    Output, TestMount, assert_one_line_error, ferry_bin, ferry_cmd, is_mountpoint, mounts_at, run,
+    Output, TestMount, assert_one_line_error, ferry_bin, ferry_cmd, is_mountpoint, mount_args,
+    mounts_at, run,
 };
 
 fn mount(source: &Path, mnt: &Path, state: &Path) -> Output {
-    run(&mut ferry_cmd([
-        OsStr::new("mount"),
-        source.as_os_str(),
-        mnt.as_os_str(),
-        OsStr::new("--state"),
-        state.as_os_str(),
-        OsStr::new("--background"),
-    ]))
+    run(&mut ferry_cmd(mount_args(source, mnt, state)))
 }
 
 fn entries(dir: &Path) -> Vec<String> {
@@ -189,14 +182,7 @@ fn non_root_user_is_refused() {
         run(Command::new("timeout")
             .args(["--kill-after=5", "120"])
             .arg(&bin)
-            .args([
-                OsStr::new("mount"),
-                tm.source.as_os_str(),
-                tm.mnt.as_os_str(),
-                OsStr::new("--state"),
-                tm.state.as_os_str(),
-                OsStr::new("--background"),
-            ])
+            .args(tm.mount_args())
             .uid(65534)
             .gid(65534)
             .env_remove("FERRY_LOG"))

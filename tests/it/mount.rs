@@ -396,15 +396,11 @@ fn changes_made_in_source_while_unmounted_are_found_by_reconcile() {
     // file's inode number (that case is a rename + rewrite by identity).
     std::fs::write(tm.source.join("born"), b"b").unwrap();
     std::fs::remove_file(tm.source.join("deleted")).unwrap();
-    let out = ferry([
-        OsStr::new("mount"),
-        tm.source.as_os_str(),
-        tm.mnt.as_os_str(),
-        OsStr::new("--state"),
-        tm.state.as_os_str(),
-        OsStr::new("--background"),
-        OsStr::new("--reconcile"),
-    ]);
+    let out = ferry(
+        tm.mount_args()
+            .into_iter()
+            .chain([OsStr::new("--reconcile")]),
+    );
     assert!(out.ok(), "{out:?}");
     tm.umount();
     let all = tm.log(true);

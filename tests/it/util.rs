@@ -242,14 +242,12 @@ impl TestMount {
     }
 
     pub fn mount_output(&self) -> Output {
-        ferry([
-            OsStr::new("mount"),
-            self.source.as_os_str(),
-            self.mnt.as_os_str(),
-            OsStr::new("--state"),
-            self.state.as_os_str(),
-            OsStr::new("--background"),
-        ])
+        ferry(self.mount_args())
+    }
+
+    /// `mount SOURCE MNT --state STATE --background` for this test's dirs.
+    pub fn mount_args(&self) -> [&OsStr; 6] {
+        mount_args(&self.source, &self.mnt, &self.state)
     }
 
     pub fn mount(&self) {
@@ -609,6 +607,18 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+}
+
+/// The arguments of a background `ferry mount`.
+pub fn mount_args<'a>(source: &'a Path, mnt: &'a Path, state: &'a Path) -> [&'a OsStr; 6] {
+    [
+        OsStr::new("mount"),
+        source.as_os_str(),
+        mnt.as_os_str(),
+        OsStr::new("--state"),
+        state.as_os_str(),
+        OsStr::new("--background"),
+    ]
 }
 
 /// Debian's interpreter, reachable by any user (a per-user install under
