@@ -318,22 +318,32 @@ impl Walk<'_> {
                 entry: replica,
             },
         );
-        match hashes {
-            (Ok(s), Ok(r)) => {
-                self.report.bytes_compared += source.size;
-                if s != r {
-                    self.differ(
-                        rel,
-                        What::Content {
-                            source: s,
-                            replica: r,
-                        },
-                    );
-                }
-            }
+        let Some((s, r)) = self.both(hashes) else {
+            return;
+        };
+        self.report.bytes_compared += source.size;
+        if s != r {
+            self.differ(
+                rel,
+                What::Content {
+                    source: s,
+                    replica: r,
+                },
+            );
+        }
+    }
+
+    /// Both sides' results, or `None` once whichever failed is recorded.
+    fn both<T>(
+        &mut self,
+        results: (Result<T, VerifyError>, Result<T, VerifyError>),
+    ) -> Option<(T, T)> {
+        match results {
+            (Ok(s), Ok(r)) => Some((s, r)),
             (s, r) => {
                 self.report.errors.extend(s.err());
                 self.report.errors.extend(r.err());
+                None
             }
         }
     }
@@ -341,22 +351,17 @@ impl Walk<'_> {
     fn compare_targets(&mut self, rel: &Path) {
         let source = entry::read_target(&self.source.path_of(rel));
         let replica = entry::read_target(&self.replica.path_of(rel));
-        match (source, replica) {
-            (Ok(s), Ok(r)) => {
-                if s != r {
-                    self.differ(
-                        rel,
-                        What::Symlink {
-                            source: s,
-                            replica: r,
-                        },
-                    );
-                }
-            }
-            (s, r) => {
-                self.report.errors.extend(s.err());
-                self.report.errors.extend(r.err());
-            }
+        let Some((s, r)) = self.both((source, replica)) else {
+            return;
+        };
+        if s != r {
+            self.differ(
+                rel,
+                What::Symlink {
+                    source: s,
+                    replica: r,
+                },
+            );
         }
     }
 
@@ -365,13 +370,8 @@ impl Walk<'_> {
     fn compare_xattrs(&mut self, rel: &Path) {
         let source = entry::read_xattrs(&self.source.path_of(rel));
         let replica = entry::read_xattrs(&self.replica.path_of(rel));
-        let (source, replica) = match (source, replica) {
-            (Ok(s), Ok(r)) => (s, r),
-            (s, r) => {
-                self.report.errors.extend(s.err());
-                self.report.errors.extend(r.err());
-                return;
-            }
+        let Some((source, replica)) = self.both((source, replica)) else {
+            return;
         };
         let names: BTreeSet<&OsString> = source.keys().chain(replica.keys()).collect();
         for name in names {
