@@ -3,4 +3,6 @@
 
 pub mod apply;
 pub mod batch;
+pub mod push;
+pub mod tree;
 pub mod verify;
