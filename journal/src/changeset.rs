@@ -353,7 +353,7 @@ impl Changeset {
                 continue;
             }
             match &r.op {
-                Op::MountStart { .. } | Op::MountStop => {}
+                Op::MountStart { .. } | Op::MountStop | Op::Clean { .. } => {}
                 // A further name found by the inventory is a new entry too.
                 Op::Exists { parent, .. }
                 | Op::Create { parent, .. }

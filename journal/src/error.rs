@@ -4,10 +4,19 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::id::Seq;
+
 /// An error of the journal. Every variant that concerns a file names it, so
 /// the message alone tells the user where to look.
 #[derive(thiserror::Error, Debug)]
 pub enum JournalError {
+    /// A replica claims a sequence number the log does not reach: it was
+    /// fed by another journal (or this state directory was replaced).
+    #[error(
+        "the replica has applied up to seq {} but this journal's log ends at seq {}: \
+         the replica was not made from this journal", replica.0, journal.0
+    )]
+    Ahead { replica: Seq, journal: Seq },
     /// Another process (or another `Journal` in this process) holds the state
     /// directory. Only one mount may journal a source at a time.
     #[error(

@@ -26,6 +26,7 @@ const K_SESSION: &str = "session";
 const K_SEQ: &str = "checkpoint_seq";
 const K_NEXT_ID: &str = "next_id";
 const K_BASELINE: &str = "baseline_done";
+const K_JOURNAL_ID: &str = "journal_id";
 
 /// The index's metadata as read at open.
 #[derive(Debug, Default)]
@@ -191,4 +192,116 @@ impl Index {
         }
         txn.commit().map_err(|x| e(x.into()))
     }
+}
+
+/// What replicas hold, per file: opaque to the journal (the replicator's
+/// content tree and delta signature of the content last pushed).
+const CACHE: TableDefinition<u64, &[u8]> = TableDefinition::new("replica_content");
+/// The sequence number each replica acknowledged, by the replica's name.
+const REPLICAS: TableDefinition<&str, u64> = TableDefinition::new("replicas");
+
+impl Index {
+    /// The journal's identity: random bytes made the first time they are
+    /// asked for, which batches carry as their source id.
+    pub fn journal_id(&self) -> Result<[u8; 16], JournalError> {
+        let e = self.err("read the journal id");
+        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        let id = {
+            let mut m = txn.open_table(META).map_err(|x| e(x.into()))?;
+            let existing = m
+                .get(K_JOURNAL_ID)
+                .map_err(|x| e(x.into()))?
+                .and_then(|v| <[u8; 16]>::try_from(v.value()).ok());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let id = random_id();
+                    m.insert(K_JOURNAL_ID, id.as_slice())
+                        .map_err(|x| e(x.into()))?;
+                    id
+                }
+            }
+        };
+        txn.commit().map_err(|x| e(x.into()))?;
+        Ok(id)
+    }
+
+    /// The cache entries of `ids` that exist.
+    pub fn cached(
+        &self,
+        ids: impl Iterator<Item = FileId>,
+    ) -> Result<std::collections::HashMap<FileId, Vec<u8>>, JournalError> {
+        let e = self.err("read the replica cache");
+        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let mut out = std::collections::HashMap::new();
+        let table = match txn.open_table(CACHE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+            Err(x) => return Err(e(x.into())),
+        };
+        for id in ids {
+            if let Some(v) = table.get(id.0).map_err(|x| e(x.into()))? {
+                out.insert(id, v.value().to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that `replica` holds the tree at `seq`, and sets (or, for
+    /// `None`, removes) cache entries, in one transaction.
+    pub fn acknowledge(
+        &self,
+        replica: &str,
+        seq: Seq,
+        entries: &[(FileId, Option<Vec<u8>>)],
+    ) -> Result<(), JournalError> {
+        let e = self.err("record a replica's acknowledgement");
+        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            let mut cache = txn.open_table(CACHE).map_err(|x| e(x.into()))?;
+            for (id, v) in entries {
+                match v {
+                    Some(v) => cache
+                        .insert(id.0, v.as_slice())
+                        .map(drop)
+                        .map_err(|x| e(x.into()))?,
+                    None => cache.remove(id.0).map(drop).map_err(|x| e(x.into()))?,
+                }
+            }
+            let mut replicas = txn.open_table(REPLICAS).map_err(|x| e(x.into()))?;
+            replicas.insert(replica, seq.0).map_err(|x| e(x.into()))?;
+        }
+        txn.commit().map_err(|x| e(x.into()))
+    }
+
+    /// Every replica's acknowledged sequence number.
+    pub fn replicas(&self) -> Result<Vec<(String, Seq)>, JournalError> {
+        let e = self.err("read the replicas");
+        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let table = match txn.open_table(REPLICAS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(x) => return Err(e(x.into())),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            out.push((k.value().to_string(), Seq(v.value())));
+        }
+        Ok(out)
+    }
+}
+
+/// 16 bytes from the kernel's random source.
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    let mut filled = 0;
+    while filled < id.len() {
+        // SAFETY: writes at most the remaining bytes of `id`.
+        let n = unsafe { libc::getrandom(id[filled..].as_mut_ptr().cast(), id.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        }
+    }
+    id
 }

@@ -84,6 +84,9 @@ pub(crate) struct Live {
     pub next_seq: u64,
     /// `None` once closed: nothing more is recorded.
     pub tx: Option<Sender<Msg>>,
+    /// The records since the last push, kept once a push has run (see
+    /// `replication`).
+    pub history: Option<crate::replication::History>,
 }
 
 pub(crate) struct Shared {
@@ -98,6 +101,9 @@ pub(crate) struct Shared {
     pub writer: Mutex<Option<JoinHandle<()>>>,
     pub writer_thread: Mutex<Option<ThreadId>>,
     pub index_path: PathBuf,
+    /// Shared with the writer; pushes read and write its cache tables.
+    pub index: Arc<crate::index::Index>,
+    pub journal_id: std::sync::OnceLock<[u8; 16]>,
     pub lock: Mutex<Option<LockFile>>,
 }
 
@@ -152,6 +158,9 @@ impl Shared {
                 live.states.remove(&id);
             }
         }
+        if let Some(h) = &mut live.history {
+            h.record(&r);
+        }
         // The writer only goes away after close (tx is None then) or when
         // this Shared is dropped, so the send cannot fail here.
         let _ = tx.send(Msg::Record(r));
@@ -163,7 +172,7 @@ impl Shared {
     }
 
     /// Turns a file's pending ranges into a Write record.
-    fn flush_locked(live: &mut Live, file: &FileState) {
+    pub(crate) fn flush_locked(live: &mut Live, file: &FileState) {
         let mut p = file.pending.lock();
         p.queued = false;
         if p.ranges.is_empty() {

@@ -169,6 +169,9 @@ pub enum Op {
     MountStart { recovered: bool },
     /// A mount session ended cleanly.
     MountStop,
+    /// A push read the file's content for a replica: changes from here on
+    /// are recorded afresh (a `Dirty` before the next write, then ranges).
+    Clean { id: FileId },
 }
 
 impl Op {
@@ -190,6 +193,7 @@ impl Op {
             Op::RemoveXattr { .. } => "removexattr",
             Op::MountStart { .. } => "mount-start",
             Op::MountStop => "mount-stop",
+            Op::Clean { .. } => "clean",
         }
     }
 
@@ -208,7 +212,8 @@ impl Op {
             | Op::Rewritten { id, .. }
             | Op::SetAttr { id, .. }
             | Op::SetXattr { id, .. }
-            | Op::RemoveXattr { id, .. } => Some(*id),
+            | Op::RemoveXattr { id, .. }
+            | Op::Clean { id } => Some(*id),
             Op::MountStart { .. } | Op::MountStop => None,
         }
     }

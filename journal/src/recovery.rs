@@ -68,7 +68,7 @@ pub(crate) fn open_with(
     }
 
     let index_path = index_path(state_dir);
-    let index = Index::open(&index_path)?;
+    let index = Arc::new(Index::open(&index_path)?);
     let meta = index.meta()?;
     if let Some(expected) = &meta.source
         && *expected != source
@@ -111,6 +111,7 @@ pub(crate) fn open_with(
             states: HashMap::new(),
             next_seq: last_seq + 1,
             tx: Some(tx),
+            history: None,
         }),
         progress: progress.clone(),
         pending_tx,
@@ -119,6 +120,8 @@ pub(crate) fn open_with(
         writer: Mutex::new(None),
         writer_thread: Mutex::new(None),
         index_path,
+        index: index.clone(),
+        journal_id: std::sync::OnceLock::new(),
         lock: Mutex::new(Some(lock)),
     });
     let writer = Writer {

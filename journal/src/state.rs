@@ -2,9 +2,10 @@
 //! pending (not yet recorded) byte ranges. The write hot path touches only
 //! this, never the journal's global table lock.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::id::FileId;
 use crate::record::ByteRange;
@@ -31,6 +32,15 @@ pub struct FileState {
     pub(crate) rewritten: AtomicBool,
     /// Lock order: taken after the journal's table lock, never before it.
     pub(crate) pending: Mutex<Pending>,
+    /// Held shared by every change through the mount, from recording it to
+    /// making it (see [`FileState::change_guard`]); held exclusively by a
+    /// push while it reads the file (`Journal::freeze`), so what it reads
+    /// holds every change recorded so far and none half made.
+    /// Lock order: before the table lock.
+    pub(crate) changes: Arc<RwLock<()>>,
+    /// Open handles that write without ferry seeing the writes (kernel
+    /// passthrough): while any is open, a push cannot take the file clean.
+    pub(crate) unjournaled_writers: AtomicU32,
 }
 
 #[derive(Default)]
@@ -48,7 +58,27 @@ impl FileState {
             state: AtomicU8::new(if dirty { DIRTY } else { CLEAN }),
             rewritten: AtomicBool::new(rewritten),
             pending: Mutex::new(Pending::default()),
+            changes: Arc::new(RwLock::new(())),
+            unjournaled_writers: AtomicU32::new(0),
         }
+    }
+
+    /// Hold across a change through the mount: from recording it
+    /// (`note_write`, `truncate`, `mark_rewritten`) until it is made on the
+    /// backing file, and, for an open that will write unseen, until the
+    /// handle is counted by [`unjournaled_writer_opened`](Self::unjournaled_writer_opened).
+    pub fn change_guard(&self) -> RwLockReadGuard<'_, ()> {
+        self.changes.read()
+    }
+
+    /// A handle that writes through kernel passthrough was opened.
+    pub fn unjournaled_writer_opened(&self) {
+        self.unjournaled_writers.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// ... and closed.
+    pub fn unjournaled_writer_closed(&self) {
+        self.unjournaled_writers.fetch_sub(1, Ordering::AcqRel);
     }
 
     pub fn id(&self) -> FileId {

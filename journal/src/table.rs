@@ -231,6 +231,16 @@ impl Table {
         }
     }
 
+    fn set_clean(&mut self, id: FileId) {
+        if let Some(e) = self.files.get_mut(&id) {
+            if e.dirty {
+                e.dirty = false;
+                self.dirty -= 1;
+            }
+            e.rewritten = false;
+        }
+    }
+
     fn insert_new(
         &mut self,
         id: FileId,
@@ -370,6 +380,7 @@ impl Table {
             }
             Op::Dirty { id } => self.set_dirty(*id, false),
             Op::Rewritten { id, .. } => self.set_dirty(*id, true),
+            Op::Clean { id } => self.set_clean(*id),
             Op::Write { .. }
             | Op::Truncate { .. }
             | Op::SetAttr { .. }

@@ -79,7 +79,7 @@ const MAX_GROUP: usize = 4096;
 pub(crate) struct Writer {
     pub rx: Receiver<Msg>,
     pub log: Appender,
-    pub index: Index,
+    pub index: std::sync::Arc<Index>,
     pub table: Table,
     /// Files changed since the last checkpoint.
     pub changed: HashSet<FileId>,

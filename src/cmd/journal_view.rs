@@ -145,7 +145,7 @@ fn describe(r: &Record, paths: &mut PathTracker) -> Value {
             v["xattr"] = json!(name.display())
         }
         Op::MountStart { recovered } => v["recovered"] = json!(recovered),
-        Op::Dirty { .. } | Op::Rewritten { .. } | Op::MountStop => {}
+        Op::Dirty { .. } | Op::Rewritten { .. } | Op::MountStop | Op::Clean { .. } => {}
     }
     if let Some(origin) = origin_of(&r.op) {
         v["origin"] = json!(origin);

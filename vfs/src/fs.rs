@@ -256,6 +256,7 @@ impl JournalingFs {
             if set.mode.is_none() {
                 self.drop_privileges(&inode, caller)?;
             }
+            let _changing = inode.file.change_guard();
             self.journal
                 .truncate(&inode.file, size)
                 .map_err(journal_errno)?;
@@ -619,6 +620,9 @@ impl JournalingFs {
         // kernel's kill flag, and its O_TRUNC drops the bits at once.
         let drops_privileges = privileges_to_drop(&st, caller) != 0;
 
+        // Held until an unseen writer is counted: a push that freezes the
+        // file sees either none of this open or all of it.
+        let changing = inode.file.change_guard();
         let mut state = inode.open.lock();
         let path = match register {
             Some(_) if writable && drops_privileges => state.choose_in_place(),
@@ -660,6 +664,10 @@ impl JournalingFs {
         };
         state.opened(path);
         drop(state);
+        if writable && path == IoPath::Passthrough {
+            inode.file.unjournaled_writer_opened();
+        }
+        drop(changing);
         // Only a writer through ferry has ranges to record on close.
         let needs_flush = writable && path == IoPath::Journaled;
         let fh = self.files.insert(FileHandle {
@@ -701,6 +709,7 @@ impl JournalingFs {
         kill_privileges: bool,
     ) -> FsResult<u32> {
         let h = self.file_handle(fh)?;
+        let changing = h.inode.file.change_guard();
         self.journal
             .note_write(&h.inode.file, offset, data.len() as u64)
             .map_err(journal_errno)?;
@@ -713,6 +722,7 @@ impl JournalingFs {
                 Err(e) => return Err(e),
             }
         }
+        drop(changing);
         if kill_privileges {
             self.drop_privileges(&h.inode, caller)?;
         }
@@ -763,12 +773,18 @@ impl JournalingFs {
         drop(state);
         match h.path {
             IoPath::Journaled if h.writable => self.journal.flush_file(&h.inode.file),
-            // A passthrough writer may have written after the file was last
-            // taken clean (by a push): the file stays dirty while it is open.
-            IoPath::Passthrough if h.writable && !h.inode.file.is_dirty() => self
-                .journal
-                .mark_rewritten(&h.inode.file, Origin::Mount)
-                .map_err(journal_errno)?,
+            // A push does not take a file with an open passthrough writer
+            // clean (it marks it rewritten again after reading it); this
+            // covers a writer that wrote after a push took it clean anyway.
+            IoPath::Passthrough if h.writable => {
+                h.inode.file.unjournaled_writer_closed();
+                if !h.inode.file.is_dirty() {
+                    let _changing = h.inode.file.change_guard();
+                    self.journal
+                        .mark_rewritten(&h.inode.file, Origin::Mount)
+                        .map_err(journal_errno)?;
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -782,6 +798,7 @@ impl JournalingFs {
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         let h = self.file_handle(fh)?;
+        let _changing = h.inode.file.change_guard();
         if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
             // Content after the range moves: no range describes that.
             self.journal
@@ -811,6 +828,7 @@ impl JournalingFs {
         let from = self.file_handle(fh_in)?;
         let to = self.file_handle(fh_out)?;
         let len = len.min(u32::MAX as u64 & !0xfff);
+        let _changing = to.inode.file.change_guard();
         self.journal
             .note_write(&to.inode.file, offset_out, len)
             .map_err(journal_errno)?;

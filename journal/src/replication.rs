@@ -1,0 +1,262 @@
+//! What a push needs from the journal: a barrier that fixes the sequence
+//! number a batch goes up to, the tree at the replica's sequence number and
+//! the records after it, a brief per-file freeze while a file's content is
+//! read, and the cache of what each replica holds.
+//!
+//! The tree at a replica's sequence number is the log replayed up to it. So
+//! that a push costs what changed rather than the whole history, the journal
+//! keeps, once a push has run, the tree at that push's end and every record
+//! made since ([`History`]); the next push from that point starts there.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use parking_lot::RawRwLock;
+use parking_lot::lock_api::ArcRwLockWriteGuard;
+
+use crate::changeset::Namespace;
+use crate::error::JournalError;
+use crate::id::{FileId, InodeKey, Seq};
+use crate::journal::{Journal, Shared};
+use crate::reader::read_records;
+use crate::record::{Op, Origin, Record};
+use crate::state::{CLEAN, FileState};
+
+/// Past this many records kept for the next push, the history is dropped
+/// (the next push replays the log instead) so memory stays bounded when
+/// pushes stop.
+const MAX_HISTORY: usize = 1 << 20;
+
+/// The tree at `since` (once a push has ended there) and every record after
+/// `since`, in order.
+pub(crate) struct History {
+    base: Option<Namespace>,
+    since: Seq,
+    tail: Vec<Record>,
+}
+
+impl History {
+    pub(crate) fn record(&mut self, r: &Record) {
+        if self.tail.len() >= MAX_HISTORY {
+            self.base = None;
+            self.tail = Vec::new();
+            self.since = r.seq;
+            return;
+        }
+        self.tail.push(r.clone());
+    }
+}
+
+/// What a push from `before.seq()` to `to` works from.
+pub struct Pending {
+    /// The tree at the replica's sequence number.
+    pub before: Namespace,
+    /// The records in `(before.seq(), to]`, in order.
+    pub records: Vec<Record>,
+    pub to: Seq,
+}
+
+impl Journal {
+    /// Records every pending range, waits until the log is durable up to
+    /// the last record, and returns its sequence number: a batch may go up
+    /// to it, and a replica that applied it can never be ahead of the log
+    /// after a crash.
+    pub fn barrier(&self) -> Result<Seq, JournalError> {
+        self.shared.emit_pending();
+        let to = {
+            let mut live = self.shared.live.lock();
+            let to = Seq(live.next_seq - 1);
+            live.history.get_or_insert_with(|| History {
+                base: None,
+                since: to,
+                tail: Vec::new(),
+            });
+            to
+        };
+        self.shared.wait_durable(to)?;
+        Ok(to)
+    }
+
+    /// The tree at `from` and the records of `(from, to]` (`to` from
+    /// [`barrier`](Self::barrier)). From the history when it covers `from`,
+    /// else by reading the log from its start.
+    pub fn pending(&self, from: Seq, to: Seq) -> Result<Pending, JournalError> {
+        if from > to {
+            return Err(JournalError::Ahead {
+                replica: from,
+                journal: to,
+            });
+        }
+        {
+            let live = self.shared.live.lock();
+            if let Some(History {
+                base: Some(base),
+                since,
+                tail,
+            }) = &live.history
+                && *since == from
+            {
+                let records = tail.iter().take_while(|r| r.seq <= to).cloned().collect();
+                return Ok(Pending {
+                    before: base.clone(),
+                    records,
+                    to,
+                });
+            }
+        }
+        self.pending_from_log(from, to)
+    }
+
+    fn pending_from_log(&self, from: Seq, to: Seq) -> Result<Pending, JournalError> {
+        let state_dir = state_dir_of(&self.shared);
+        let mut before = Namespace::new();
+        let mut records = Vec::new();
+        for r in read_records(state_dir)? {
+            let r = r?;
+            if r.seq > to {
+                break;
+            }
+            if r.seq <= from {
+                before.apply(&r);
+            } else {
+                records.push(r);
+            }
+        }
+        if before.seq() < from && records.is_empty() && from > Seq(0) {
+            // The log does not reach the replica's sequence number.
+            return Err(JournalError::Ahead {
+                replica: from,
+                journal: before.seq(),
+            });
+        }
+        Ok(Pending {
+            before,
+            records,
+            to,
+        })
+    }
+
+    /// Keeps `after`, the tree at the end of a push, as the start of the
+    /// next one.
+    pub fn remember(&self, after: Namespace) {
+        let mut live = self.shared.live.lock();
+        let Some(h) = &mut live.history else { return };
+        let at = after.seq();
+        if at < h.since {
+            return;
+        }
+        h.tail.retain(|r| r.seq > at);
+        h.since = at;
+        h.base = Some(after);
+    }
+
+    /// Stops changes through the mount to `id` until the returned guard is
+    /// settled or dropped, after recording its pending ranges. `None` for a
+    /// file the journal no longer knows.
+    pub fn freeze(&self, id: FileId) -> Option<Frozen> {
+        let file = self.file_state(id)?;
+        let guard = file.changes.write_arc();
+        Shared::flush_locked(&mut self.shared.live.lock(), &file);
+        Some(Frozen {
+            journal: self.clone(),
+            file,
+            _guard: guard,
+        })
+    }
+
+    /// The cache entries (what replicas hold) of `ids` that exist.
+    pub fn cached(
+        &self,
+        ids: impl Iterator<Item = FileId>,
+    ) -> Result<HashMap<FileId, Vec<u8>>, JournalError> {
+        self.shared.index.cached(ids)
+    }
+
+    /// Records that `replica` applied everything up to `seq` and now holds
+    /// what `cache` describes (entries set, or removed for `None`).
+    pub fn acknowledge(
+        &self,
+        replica: &str,
+        seq: Seq,
+        cache: &[(FileId, Option<Vec<u8>>)],
+    ) -> Result<(), JournalError> {
+        self.shared.index.acknowledge(replica, seq, cache)
+    }
+
+    /// Where the file is now: its path (through its first name) and its
+    /// inode, to check that what a push opens is that file.
+    pub fn locate(&self, id: FileId) -> Option<(std::path::PathBuf, Option<InodeKey>)> {
+        let live = self.shared.live.lock();
+        let key = live.table.get(id)?.key;
+        Some((live.table.path_of(id)?, key))
+    }
+
+    /// A push could not read the file as it is (it went away or changed
+    /// identity under it): the next push must send its content again.
+    pub fn resend(&self, id: FileId) {
+        let mut live = self.shared.live.lock();
+        if live.table.contains(id) {
+            Shared::emit_locked(
+                &mut live,
+                Op::Rewritten {
+                    id,
+                    origin: Origin::Mount,
+                },
+            );
+        }
+    }
+
+    /// The journal's identity, carried by batches as their source id.
+    pub fn journal_id(&self) -> Result<[u8; 16], JournalError> {
+        if let Some(id) = self.shared.journal_id.get() {
+            return Ok(*id);
+        }
+        let id = self.shared.index.journal_id()?;
+        Ok(*self.shared.journal_id.get_or_init(|| id))
+    }
+
+    /// Every replica's acknowledged sequence number, by name.
+    pub fn replicas(&self) -> Result<Vec<(String, Seq)>, JournalError> {
+        self.shared.index.replicas()
+    }
+}
+
+fn state_dir_of(shared: &Shared) -> &Path {
+    // index_path is <state>/journal/index.redb.
+    shared
+        .index_path
+        .parent()
+        .and_then(Path::parent)
+        .expect("the index lives two levels below the state directory")
+}
+
+/// A file whose changes through the mount wait while a push reads it.
+pub struct Frozen {
+    journal: Journal,
+    file: Arc<FileState>,
+    _guard: ArcRwLockWriteGuard<RawRwLock, ()>,
+}
+
+impl Frozen {
+    /// The push has read what it needs. Changes from here on are recorded
+    /// afresh: the file is taken clean (its next write records `Dirty`
+    /// durably first, then ranges). A file open for writes ferry cannot see
+    /// stays dirty and is marked rewritten again, so the next push reads it
+    /// again.
+    pub fn settle(self) {
+        let id = self.file.id();
+        if self.file.unjournaled_writers.load(Ordering::Acquire) > 0 {
+            self.journal.shared.emit(Op::Rewritten {
+                id,
+                origin: Origin::Mount,
+            });
+            return;
+        }
+        let mut live = self.journal.shared.live.lock();
+        self.file.rewritten.store(false, Ordering::Release);
+        self.file.state.store(CLEAN, Ordering::Release);
+        Shared::emit_locked(&mut live, Op::Clean { id });
+    }
+}
