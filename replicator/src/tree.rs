@@ -226,6 +226,58 @@ impl ContentTree {
     }
 }
 
+/// Builds the tree of content given in order, piece by piece (content
+/// that is being written, such as a delta's output).
+#[derive(Default)]
+pub struct TreeBuilder {
+    size: u64,
+    leaves: Vec<ChainingValue>,
+    /// The bytes of the leaf being filled (fewer than `LEAF`).
+    partial: Vec<u8>,
+}
+
+impl TreeBuilder {
+    pub fn new() -> TreeBuilder {
+        TreeBuilder::default()
+    }
+
+    /// Appends `data` to the content.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.size += data.len() as u64;
+        while !data.is_empty() {
+            // A full leaf is hashed once more content follows it: content
+            // of at most one leaf is hashed whole, as a root, at the end.
+            if self.partial.len() == LEAF as usize {
+                self.push_partial();
+            }
+            let take = (LEAF as usize - self.partial.len()).min(data.len());
+            self.partial.extend_from_slice(&data[..take]);
+            data = &data[take..];
+        }
+    }
+
+    fn push_partial(&mut self) {
+        let index = self.leaves.len() as u64;
+        self.leaves.push(leaf_cv(index, &self.partial));
+        self.partial.clear();
+    }
+
+    /// The tree of everything given.
+    pub fn finish(mut self) -> ContentTree {
+        if self.size <= LEAF {
+            return ContentTree::of_bytes(&self.partial);
+        }
+        self.push_partial();
+        let mut tree = ContentTree {
+            size: self.size,
+            root: Hash::of(&[]),
+            leaves: self.leaves,
+        };
+        tree.root = tree.merged_root();
+        tree
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,7 +292,18 @@ mod tests {
     #[test]
     fn root_is_blake3_at_leaf_boundaries() {
         let l = LEAF as usize;
-        for len in [0, 1, 1024, l - 1, l, l + 1, 2 * l, 3 * l + 5, 17 * l, 64 * l + 1] {
+        for len in [
+            0,
+            1,
+            1024,
+            l - 1,
+            l,
+            l + 1,
+            2 * l,
+            3 * l + 5,
+            17 * l,
+            64 * l + 1,
+        ] {
             let d = data(len, 3);
             let t = ContentTree::of_bytes(&d);
             assert_eq!(t.root(), Hash::of(&d), "len {len}");
@@ -254,6 +317,23 @@ mod tests {
         let b = t.to_bytes();
         assert!(ContentTree::from_bytes(&b[..b.len() - 1]).is_none());
         assert!(ContentTree::from_bytes(&b[..39]).is_none());
+    }
+
+    #[test]
+    fn builder_matches_of_bytes_for_any_pieces() {
+        let l = LEAF as usize;
+        for len in [0, 1, l - 1, l, l + 1, 2 * l, 5 * l + 77] {
+            let d = data(len, 9);
+            for piece in [1, 1000, l, l + 3, 3 * l] {
+                let mut b = TreeBuilder::new();
+                d.chunks(piece).for_each(|c| b.update(c));
+                assert_eq!(
+                    b.finish(),
+                    ContentTree::of_bytes(&d),
+                    "len {len} piece {piece}"
+                );
+            }
+        }
     }
 
     proptest! {

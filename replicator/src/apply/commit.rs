@@ -113,6 +113,22 @@ impl Step {
         }
     }
 
+    /// The inode this step takes a name from (which changes its ctime):
+    /// an unlinked file, a file a rename replaces, a file a delta's result
+    /// replaces.
+    pub fn released(&self) -> Option<u64> {
+        match self {
+            Step::Unlink { ino, .. } => Some(*ino),
+            Step::Rename {
+                to_ino,
+                exchange: false,
+                ..
+            } => *to_ino,
+            Step::Install { replaces, .. } => *replaces,
+            _ => None,
+        }
+    }
+
     pub fn is_meta(&self) -> bool {
         matches!(self, Step::Meta { .. })
     }

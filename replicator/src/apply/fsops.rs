@@ -10,7 +10,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{FileStat, Mode, fstatat};
 
-use crate::batch::{Hash, RelPath};
+use crate::batch::RelPath;
 
 /// Flags for every confined lookup.
 fn resolve_flags() -> ResolveFlag {
@@ -157,23 +157,6 @@ impl Root {
             Err(e) => Err(e),
         }
     }
-}
-
-/// Reads a file from its current position to the end, hashing it.
-pub fn hash_file(f: &mut File) -> io::Result<Hash> {
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                h.update(&buf[..n]);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(h.finalize().into())
 }
 
 /// fsync of a directory given by path.

@@ -8,6 +8,8 @@
 //! - `staging/`: new entries of the batch being applied, named by number;
 //! - `commit/log`: the steps of a batch whose metadata phase has begun,
 //!   and `commit/step.N`: an empty file whose name counts the steps done;
+//! - `trees/`: the tree cache, the content tree of each large replica file
+//!   by inode number (see below);
 //! - `lock`: flock'd by the one process applying to the replica.
 //!
 //! The protocol ([`apply`]), with the crash points the tests kill it at:
@@ -22,9 +24,10 @@
 //!    mode, delta results verified against base and result hashes,
 //!    directories, symlinks, special files) in `staging/`, fsync each file
 //!    and then `staging/`. In-place writes and truncations are checked
-//!    against their base and result hashes and kept for the log. Only once
-//!    the trailer has been verified does anything go further: a damaged or
-//!    refused batch leaves the replica untouched (crash point 1).
+//!    against their base and result hashes (through content trees: see
+//!    below) and kept for the log. Only once the trailer has been verified
+//!    does anything go further: a damaged or refused batch leaves the
+//!    replica untouched (crash point 1).
 //! 3. **Log**: create `commit/step.0`; write the steps, each with the inode
 //!    it acts on, to `commit/log.tmp`, fsync, rename to `commit/log`, fsync
 //!    `commit/` (crash point 2).
@@ -34,7 +37,8 @@
 //!    into multiply-linked files, chmod, chown, utimes and xattrs — each
 //!    followed by a crash point and then by renaming `step.i` to
 //!    `step.i+1`; then every utimes again, so that directory times changed
-//!    by later entries end as the batch says. Then syncfs.
+//!    by later entries end as the batch says. Then syncfs, and the tree
+//!    cache is brought up to date (no crash point: it is only a cache).
 //! 5. Write `applied` (crash point), remove the marker and `commit/log`
 //!    and fsync `commit/` (crash point), empty `staging/` (crash point).
 //!
@@ -59,10 +63,27 @@
 //!
 //! Every path is resolved beneath the replica root without following a
 //! symlink (see `fsops`): a batch cannot read or write outside the root.
+//!
+//! **The tree cache** (`tree_cache`) is what lets a small in-place change
+//! to a large file be checked without reading the file: the base hash is
+//! the root of the file's cached tree, and the result hash is the root of
+//! that tree updated from the leaves the change touches. An entry is
+//! trusted only while the file's fstat (inode, size, mtime, ctime) is what
+//! it was when the entry was written, so a change behind ferry's back
+//! invalidates it, and the file is then read in full, as it is when it has
+//! no entry. After the syncfs of step 4 the applier removes the entries of
+//! inodes the batch unlinked or replaced and writes those of the files
+//! whose content it set (new files, delta results, files changed in place)
+//! larger than one leaf, from the trees staging built. A commit rolled
+//! forward after a crash writes none: those files are read once later.
+//! A change behind ferry's back made while a commit runs, between the
+//! step that last changes a file and the writing of its entry, is not
+//! seen.
 
 mod commit;
 mod fsops;
 mod stage;
+mod tree_cache;
 
 #[cfg(test)]
 mod model_tests;
@@ -83,7 +104,8 @@ use nix::sys::stat::Mode;
 use crate::batch::{ANY_REPLICA, BatchError, BatchReader, validate};
 use commit::{CommitLog, Entry};
 use fsops::{Root, describe, fsync_dir};
-use stage::Stager;
+use stage::{Staged, Stager};
+use tree_cache::{Recorded, TreeCache};
 
 /// Knobs for tests.
 #[derive(Debug, Clone, Default)]
@@ -113,6 +135,11 @@ pub struct ApplyReport {
     pub steps: u64,
     /// First to last visible change, in microseconds.
     pub commit_window_us: u64,
+    /// Bytes of the replica's files read to check or apply content
+    /// changes: the whole file for a delta's basis and for an in-place
+    /// change to a file without a valid tree cache entry, else only the
+    /// leaves the change touches.
+    pub replica_bytes_read: u64,
     /// Metadata that could not be set (an xattr the filesystem refuses,
     /// an owner without the privilege): reported, not fatal.
     pub warnings: Vec<String>,
@@ -300,6 +327,7 @@ struct Replica {
     state: PathBuf,
     root: Root,
     staging: OwnedFd,
+    trees: TreeCache,
     _lock: Flock<File>,
 }
 
@@ -310,7 +338,12 @@ impl Replica {
             let path = path.to_path_buf();
             move |source| ApplyError::State { path, what, source }
         };
-        for d in [state.clone(), state.join("staging"), state.join("commit")] {
+        for d in [
+            state.clone(),
+            state.join("staging"),
+            state.join("commit"),
+            state.join("trees"),
+        ] {
             // 0700: staged content must not be readable before the
             // replica's own permissions apply to it.
             match fs::DirBuilder::new().mode(0o700).create(&d) {
@@ -345,6 +378,7 @@ impl Replica {
             )));
         }
         Ok(Replica {
+            trees: TreeCache::new(&state),
             state,
             root,
             staging,
@@ -473,17 +507,19 @@ impl Replica {
         if applied.is_some_and(|a| a.seq >= log.to_seq && a.source_id == log.source_id) {
             self.finish(&mut crash)?;
         } else {
-            self.commit(&log, report, &mut crash)?;
+            self.commit(&log, report, &mut crash, &[])?;
         }
         Ok(true)
     }
 
-    /// The metadata phase and what follows it.
+    /// The metadata phase and what follows it. `trees` are the trees of
+    /// the files whose content the batch sets, for the tree cache.
     fn commit(
         &self,
         log: &CommitLog,
         report: &mut ApplyReport,
         crash: &mut Crash,
+        trees: &[Recorded],
     ) -> Result<(), ApplyError> {
         // Steps before the marker are done; the one after it may be (a
         // crash between a step and the marker's move): its inode check
@@ -508,6 +544,7 @@ impl Replica {
         // and an O_PATH descriptor cannot be synced.
         nix::unistd::syncfs(&self.staging)
             .map_err(|e| self.err(self.state.clone(), "syncfs")(e.into()))?;
+        self.update_tree_cache(log, trees, report);
         self.write_applied(&Applied {
             seq: log.to_seq,
             source_id: log.source_id,
@@ -515,6 +552,21 @@ impl Replica {
         })?;
         crash.point()?;
         self.finish(crash)
+    }
+
+    /// Brings the tree cache up to date once the commit is synced: removes
+    /// the entries of the inodes the batch took a name from (their ctime
+    /// changed), then writes those of `trees`. Failures are warnings: the
+    /// cache only saves reads.
+    fn update_tree_cache(&self, log: &CommitLog, trees: &[Recorded], report: &mut ApplyReport) {
+        for ino in log.entries.iter().filter_map(|e| e.step.released()) {
+            if let Err(e) = self.trees.remove(ino) {
+                report.warnings.push(format!(
+                    "tree cache: removing the entry of inode {ino}: {e}"
+                ));
+            }
+        }
+        report.warnings.extend(self.trees.record(&self.root, trees));
     }
 
     /// Removes the commit log, then whatever is left in staging.
@@ -632,8 +684,13 @@ pub fn apply_from<R: Read>(
         n: 0,
         at: options.crash_after_step,
     };
-    let staged = Stager::new(&rep.root, &rep.staging).run(reader);
-    let (entries, staged) = match staged {
+    let staged = Stager::new(&rep.root, &rep.staging, &rep.trees).run(reader);
+    let Staged {
+        entries,
+        count,
+        trees,
+        replica_bytes_read,
+    } = match staged {
         Ok(s) => s,
         Err(e) => {
             // Best effort: the next apply empties staging anyway.
@@ -645,7 +702,8 @@ pub fn apply_from<R: Read>(
         .map_err(|e| rep.err(rep.state.join("staging"), "fsync")(e.into()))?;
     report.ops = reader.stats().ops;
     report.content_bytes = reader.stats().content_bytes;
-    report.staged = staged;
+    report.staged = count;
+    report.replica_bytes_read = replica_bytes_read;
     crash.point()?;
 
     let log = CommitLog {
@@ -659,7 +717,7 @@ pub fn apply_from<R: Read>(
     File::create(rep.marker(0)).map_err(rep.err(rep.marker(0), "creating"))?;
     rep.write_log(&log)?;
     crash.point()?;
-    rep.commit(&log, &mut report, &mut crash)?;
+    rep.commit(&log, &mut report, &mut crash, &trees)?;
     Ok(report)
 }
 

@@ -230,7 +230,6 @@ fn one_op(rng: &mut Rng, root: &Path) -> Option<Op> {
             let mut after = before.clone();
             after.extend(rng.bytes(100));
             after.drain(..after.len() / 3);
-            fs::write(root.join(&p), &after).unwrap();
             let sig = fast_rsync::Signature::calculate(
                 &before,
                 fast_rsync::SignatureOptions {
@@ -240,10 +239,30 @@ fn one_op(rng: &mut Rng, root: &Path) -> Option<Op> {
             );
             let mut delta = Vec::new();
             fast_rsync::diff(&sig.index(), &after, &mut delta).unwrap();
-            Op::Delta {
-                path: rel(&p),
+            if rng.below(2) == 0 {
+                fs::write(root.join(&p), &after).unwrap();
+                return Some(Op::Delta {
+                    path: rel(&p),
+                    base: Hash::of(&before),
+                    delta,
+                    result: Hash::of(&after),
+                });
+            }
+            // Saved as a new file renamed over the basis or to a new name.
+            let q = match rng.below(2) {
+                0 => p.clone(),
+                _ => fresh_path(rng, root, &all)?,
+            };
+            let tmp = root.with_extension("saving");
+            fs::write(&tmp, &after).unwrap();
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).unwrap();
+            fs::rename(&tmp, root.join(&q)).unwrap();
+            Op::CreateFromDelta {
+                path: rel(&q),
+                basis: rel(&p),
                 base: Hash::of(&before),
                 delta,
+                mode: 0o600,
                 result: Hash::of(&after),
             }
         }

@@ -10,11 +10,19 @@
 //! directory maps everything below it without listing it. Checking the
 //! whole batch against the model first is what lets the metadata phase
 //! treat any mismatch as "already done".
+//!
+//! Content is checked through content trees (`crate::tree`): every staged
+//! file's tree is built as it is written, and an in-place change to a
+//! replica file updates the file's tree from the leaves it touches. The
+//! tree a replica file starts from is its tree cache entry when valid (see
+//! `tree_cache`), else one built by reading the file once; later changes in
+//! the batch start from the tree the earlier ones left. The trees of the
+//! files the batch sets are returned for the cache.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -28,8 +36,11 @@ use nix::unistd::symlinkat;
 
 use super::ApplyError;
 use super::commit::{Entry, Meta, Step, copy_meta};
-use super::fsops::{Kind, Root, describe, hash_file};
+use super::fsops::{Kind, Root, describe};
+use super::tree_cache::{Recorded, TreeCache};
+use crate::batch::limits::delta_output_limit;
 use crate::batch::{BatchReader, Hash, NodeKind, Op, RelPath, WriteRange};
+use crate::tree::{ContentTree, LEAF, TreeBuilder, leaves_of};
 
 /// What a path holds at a point of the batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,11 +73,65 @@ impl Node {
     }
 }
 
-/// An in-place change to a replica file, pending until the commit.
+/// An in-place change to a file.
 #[derive(Debug, Clone)]
 enum InPlace {
     Write(Vec<WriteRange>),
     Truncate(u64),
+}
+
+impl InPlace {
+    /// The size after the change, from `size`.
+    fn size_after(&self, size: u64) -> u64 {
+        match self {
+            InPlace::Write(ranges) => ranges
+                .last()
+                .map_or(size, |r| size.max(r.offset + r.data.len() as u64)),
+            InPlace::Truncate(s) => *s,
+        }
+    }
+
+    /// The leaves of the new content (of `size` bytes) the change writes;
+    /// a change of size is the tree's own business.
+    fn leaves(&self, size: u64) -> BTreeSet<u64> {
+        match self {
+            InPlace::Write(ranges) => ranges
+                .iter()
+                .flat_map(|r| leaves_of(r.offset, r.data.len() as u64, size))
+                .collect(),
+            InPlace::Truncate(_) => BTreeSet::new(),
+        }
+    }
+}
+
+/// The in-place changes to a replica file, pending until the commit.
+#[derive(Default)]
+struct Pending {
+    changes: Vec<InPlace>,
+    /// The tree of the content the changes leave, once known: truncations
+    /// of a file without a valid tree cache entry leave it unknown rather
+    /// than read the file.
+    tree: Option<ContentTree>,
+}
+
+impl Pending {
+    /// The size the changes leave a file of `disk` bytes.
+    fn size(&self, disk: u64) -> u64 {
+        self.changes.iter().fold(disk, |s, c| c.size_after(s))
+    }
+}
+
+/// What staging produced.
+pub struct Staged {
+    /// The steps of the metadata phase.
+    pub entries: Vec<Entry>,
+    /// Entries built in staging.
+    pub count: u64,
+    /// The files larger than a leaf whose content the batch sets, where
+    /// it leaves them, with their trees (for the tree cache).
+    pub trees: Vec<Recorded>,
+    /// Bytes of replica files read to check or apply content changes.
+    pub replica_bytes_read: u64,
 }
 
 /// The streamed file being received (`BeginFile` .. `EndFile`).
@@ -83,10 +148,16 @@ struct Streamed {
 pub struct Stager<'a> {
     root: &'a Root,
     staging: &'a OwnedFd,
+    trees: &'a TreeCache,
     overlay: BTreeMap<RelPath, Node>,
-    /// Pending in-place changes per replica inode, with a start path that
-    /// holds the inode.
-    pending: HashMap<u64, (RelPath, Vec<InPlace>)>,
+    /// Pending in-place changes per replica inode.
+    pending: HashMap<u64, Pending>,
+    /// The tree of every staged regular file, by staged id.
+    staged_trees: HashMap<u32, ContentTree>,
+    /// Replica inodes whose content the batch sets (in place, or by a
+    /// copy), with the path that held them when the batch began.
+    content_set: HashMap<u64, RelPath>,
+    replica_bytes_read: u64,
     entries: Vec<Entry>,
     /// Replica inodes whose new content (a delta's result, for a file with
     /// several links) is in a staged file that the commit copies into
@@ -103,10 +174,8 @@ pub struct Stager<'a> {
     staged: u64,
 }
 
-/// Sizes of the pieces the virtual hash reads.
-const BLOCK: usize = 1 << 20;
-
-/// How far in-place changes may grow a replica file in one batch.
+/// How far in-place changes may grow a file: a replica file in one batch,
+/// a staged file in one change.
 const MAX_GROWTH: u64 = 16 << 30;
 
 /// The largest base a delta is applied to (it is read into memory).
@@ -131,12 +200,16 @@ fn starts_with(p: &RelPath, q: &RelPath) -> bool {
 }
 
 impl<'a> Stager<'a> {
-    pub fn new(root: &'a Root, staging: &'a OwnedFd) -> Stager<'a> {
+    pub fn new(root: &'a Root, staging: &'a OwnedFd, trees: &'a TreeCache) -> Stager<'a> {
         Stager {
             root,
             staging,
+            trees,
             overlay: BTreeMap::new(),
             pending: HashMap::new(),
+            staged_trees: HashMap::new(),
+            content_set: HashMap::new(),
+            replica_bytes_read: 0,
             entries: Vec::new(),
             copied: HashMap::new(),
             linked: HashSet::new(),
@@ -189,10 +262,7 @@ impl<'a> Stager<'a> {
 
     /// Reads every operation and stages it; returns the steps once the
     /// batch's trailer has been verified.
-    pub fn run<R: Read>(
-        mut self,
-        reader: &mut BatchReader<R>,
-    ) -> Result<(Vec<Entry>, u64), ApplyError> {
+    pub fn run<R: Read>(mut self, reader: &mut BatchReader<R>) -> Result<Staged, ApplyError> {
         while let Some(op) = reader.next_op()? {
             self.index = reader.stats().ops;
             self.op = op.name();
@@ -201,7 +271,65 @@ impl<'a> Stager<'a> {
             }
             self.stage(op)?;
         }
-        Ok((self.entries, self.staged))
+        Ok(Staged {
+            trees: self.final_trees()?,
+            entries: self.entries,
+            count: self.staged,
+            replica_bytes_read: self.replica_bytes_read,
+        })
+    }
+
+    /// The current tree of the replica inode `ino`, if the batch sets its
+    /// content.
+    fn replica_tree(&self, ino: u64) -> Option<&ContentTree> {
+        match self.copied.get(&ino) {
+            Some(id) => self.staged_trees.get(id),
+            None => self.pending.get(&ino).and_then(|p| p.tree.as_ref()),
+        }
+    }
+
+    /// The files the batch sets the content of, where the model has them
+    /// at the end: at a path the overlay maps to them (made or moved by
+    /// the batch), or at their own start path if the model still has
+    /// them there. A replica file left below a directory the batch moved
+    /// is neither, and gets no tree cache entry.
+    fn final_trees(&self) -> Result<Vec<Recorded>, ApplyError> {
+        let mut out: HashMap<u64, (RelPath, &ContentTree)> = HashMap::new();
+        for (path, node) in &self.overlay {
+            let (ino, tree) = match node {
+                Node::Staged {
+                    id,
+                    ino,
+                    kind: Kind::File,
+                } => (*ino, self.staged_trees.get(id)),
+                Node::Replica {
+                    ino,
+                    kind: Kind::File,
+                    ..
+                } => (*ino, self.replica_tree(*ino)),
+                _ => continue,
+            };
+            if let Some(tree) = tree {
+                out.entry(ino).or_insert((path.clone(), tree));
+            }
+        }
+        for (ino, start) in &self.content_set {
+            if !out.contains_key(ino)
+                && self.lookup(start)?.is_some_and(|n| n.ino() == *ino)
+                && let Some(tree) = self.replica_tree(*ino)
+            {
+                out.insert(*ino, (start.clone(), tree));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .filter(|(_, (_, tree))| TreeCache::keeps(tree.size()))
+            .map(|(ino, (path, tree))| Recorded {
+                path,
+                ino,
+                tree: tree.clone(),
+            })
+            .collect())
     }
 
     /// What `p` holds now, looked up through its longest mapped prefix.
@@ -379,30 +507,43 @@ impl<'a> Stager<'a> {
         Ok((id, File::from(fd)))
     }
 
-    /// Sets the mode, checks the content against `result`, fsyncs, and
-    /// installs the staged file at `p`.
+    /// Sizes the staged file whose data has been written, checks its
+    /// content against `result`, and installs it at `p`.
     fn finish_file(
         &mut self,
         p: &RelPath,
         id: u32,
-        mut file: File,
+        file: File,
         size: u64,
         mode: u32,
         result: Hash,
     ) -> Result<(), ApplyError> {
         file.set_len(size)
             .map_err(|e| self.io("sizing the staged file", e))?;
-        fchmod(file.as_fd(), Mode::from_bits_retain(mode))
-            .map_err(|e| self.errno("setting the mode", e))?;
-        file.seek(SeekFrom::Start(0))
+        let tree = ContentTree::build(size, |i, buf| file.read_exact_at(buf, i * LEAF))
             .map_err(|e| self.io("rereading", e))?;
-        let got = hash_file(&mut file).map_err(|e| self.io("rereading", e))?;
-        if got != result {
+        if tree.root() != result {
             return Err(self.err("the content does not match its result hash"));
         }
+        self.finish_new_file(p, id, &file, mode, tree)
+    }
+
+    /// Gives a new staged file (whose content has been checked) its mode,
+    /// fsyncs it, and installs it at `p`.
+    fn finish_new_file(
+        &mut self,
+        p: &RelPath,
+        id: u32,
+        file: &File,
+        mode: u32,
+        tree: ContentTree,
+    ) -> Result<(), ApplyError> {
+        fchmod(file.as_fd(), Mode::from_bits_retain(mode))
+            .map_err(|e| self.errno("setting the mode", e))?;
         file.sync_all().map_err(|e| self.io("fsync", e))?;
         let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| self.errno("fstat", e))?;
         self.install(p, id, &st);
+        self.staged_trees.insert(id, tree);
         Ok(())
     }
 
@@ -562,6 +703,21 @@ impl<'a> Stager<'a> {
                 let n = self.need_file(&path)?;
                 self.delta(&path, n, base, &delta, result)?;
             }
+            Op::CreateFromDelta {
+                path,
+                basis,
+                base,
+                delta,
+                mode,
+                result,
+            } => {
+                self.check_new(&path, false)?;
+                let n = self.need_file(&basis)?;
+                let n = self.redirect(n);
+                let (data, _) = self.read_basis(&n)?;
+                let (id, file, tree) = self.stage_delta(data, base, &delta, result)?;
+                self.finish_new_file(&path, id, &file, mode, tree)?;
+            }
             Op::Chmod { path, mode } => self.meta(path, Meta::Chmod(mode))?,
             Op::Chown { path, uid, gid } => self.meta(path, Meta::Chown(uid, gid))?,
             Op::Utimes { path, atime, mtime } => self.meta(path, Meta::Utimes(atime, mtime))?,
@@ -700,8 +856,9 @@ impl<'a> Stager<'a> {
         Ok(names)
     }
 
-    /// Opens the replica file behind a `Replica` node for reading.
-    fn open_replica(&self, start: &RelPath, ino: u64) -> Result<File, ApplyError> {
+    /// Opens the replica file behind a `Replica` node for reading; returns
+    /// it with its stat.
+    fn open_replica(&self, start: &RelPath, ino: u64) -> Result<(File, FileStat), ApplyError> {
         let f = self
             .root
             .parent(start)
@@ -711,7 +868,7 @@ impl<'a> Stager<'a> {
         if st.st_ino != ino {
             return Err(self.err(format!("{start} changed while the batch was staged")));
         }
-        Ok(f)
+        Ok((f, st))
     }
 
     fn in_place(
@@ -723,22 +880,6 @@ impl<'a> Stager<'a> {
     ) -> Result<(), ApplyError> {
         match self.redirect(n) {
             Node::Replica { start, ino, .. } => {
-                let (open_at, earlier) = self
-                    .pending
-                    .get(&ino)
-                    .map(|(s, v)| (s.clone(), v.clone()))
-                    .unwrap_or((start, Vec::new()));
-                if let Some((base, result)) = hashes {
-                    let f = self.open_replica(&open_at, ino)?;
-                    let (b, r) = virtual_hashes(&f, &earlier, &change)
-                        .map_err(|e| self.io("reading the file", e))?;
-                    if b != base {
-                        return Err(self.base_mismatch());
-                    }
-                    if r != result {
-                        return Err(self.err("the writes do not produce the result hash"));
-                    }
-                }
                 let step = match &change {
                     InPlace::Write(ranges) => Step::Write {
                         path: path.clone(),
@@ -751,44 +892,151 @@ impl<'a> Stager<'a> {
                         size: *size,
                     },
                 };
+                self.in_place_replica(&start, ino, change, hashes)?;
                 self.push(step);
-                self.pending
-                    .entry(ino)
-                    .or_insert((open_at, Vec::new()))
-                    .1
-                    .push(change);
+                self.content_set.entry(ino).or_insert(start);
             }
-            Node::Staged { id, .. } => {
-                // Not visible yet: change the staged file itself.
-                let mut f = self.open_staged(id, OFlag::O_RDWR)?;
-                if let Some((base, _)) = hashes
-                    && hash_file(&mut f).map_err(|e| self.io("reading", e))? != base
-                {
-                    return Err(self.base_mismatch());
-                }
-                match &change {
-                    InPlace::Write(ranges) => {
-                        for r in ranges {
-                            f.write_all_at(&r.data, r.offset)
-                                .map_err(|e| self.io("writing", e))?;
-                        }
-                    }
-                    InPlace::Truncate(size) => {
-                        f.set_len(*size).map_err(|e| self.io("truncating", e))?;
-                    }
-                }
-                if let Some((_, result)) = hashes {
-                    f.seek(SeekFrom::Start(0))
-                        .map_err(|e| self.io("reading", e))?;
-                    if hash_file(&mut f).map_err(|e| self.io("reading", e))? != result {
-                        return Err(self.err("the writes do not produce the result hash"));
-                    }
-                }
-                f.sync_all().map_err(|e| self.io("fsync", e))?;
-            }
+            Node::Staged { id, .. } => self.in_place_staged(id, &change, hashes)?,
             Node::Gone => unreachable!("looked up"),
         }
         Ok(())
+    }
+
+    /// Checks an in-place change to the replica file `ino` against its
+    /// hashes, with the batch's earlier changes to it, and adds it to
+    /// `pending` with the tree it leaves. Reads only the leaves the change
+    /// touches once the file's tree is known (see the module docs).
+    fn in_place_replica(
+        &mut self,
+        start: &RelPath,
+        ino: u64,
+        change: InPlace,
+        hashes: Option<(Hash, Hash)>,
+    ) -> Result<(), ApplyError> {
+        let (f, st) = self.open_replica(start, ino)?;
+        let disk = st.st_size as u64;
+        let mut pending = self.pending.remove(&ino).unwrap_or_default();
+        let size = change.size_after(pending.size(disk));
+        self.check_growth(disk, size)?;
+        let base = match pending.tree.take() {
+            Some(tree) => Some(tree),
+            None => self.base_tree(&f, &st, &pending, hashes.is_some())?,
+        };
+        if let Some(base) = base {
+            self.check_base(hashes, &base)?;
+            let mut file = VirtualFile::new(&f, disk, pending.changes.iter().chain([&change]));
+            let after = base.updated(size, &change.leaves(size), |i, buf| {
+                file.read(i * LEAF, buf)
+            });
+            self.replica_bytes_read += file.bytes_read;
+            let after = after.map_err(|e| self.io("reading the file", e))?;
+            self.check_result(hashes, &after)?;
+            pending.tree = Some(after);
+        }
+        pending.changes.push(change);
+        self.pending.insert(ino, pending);
+        Ok(())
+    }
+
+    /// The tree of the replica file `f` with the batch's earlier changes
+    /// to it, when its tree is not known yet: its tree cache entry if there
+    /// are none and it is valid, else (only if `needed`) built by reading
+    /// the file.
+    fn base_tree(
+        &mut self,
+        f: &File,
+        st: &FileStat,
+        earlier: &Pending,
+        needed: bool,
+    ) -> Result<Option<ContentTree>, ApplyError> {
+        if earlier.changes.is_empty()
+            && let Some(tree) = self.trees.load(st)
+        {
+            return Ok(Some(tree));
+        }
+        if !needed {
+            return Ok(None);
+        }
+        let disk = st.st_size as u64;
+        let mut file = VirtualFile::new(f, disk, &earlier.changes);
+        let tree = ContentTree::build(earlier.size(disk), |i, buf| file.read(i * LEAF, buf));
+        self.replica_bytes_read += file.bytes_read;
+        tree.map(Some).map_err(|e| self.io("reading the file", e))
+    }
+
+    /// An in-place change to a staged file (not visible yet): made to the
+    /// file itself, checked through its tree.
+    fn in_place_staged(
+        &mut self,
+        id: u32,
+        change: &InPlace,
+        hashes: Option<(Hash, Hash)>,
+    ) -> Result<(), ApplyError> {
+        let f = self.open_staged(id, OFlag::O_RDWR)?;
+        let tree = self
+            .staged_trees
+            .remove(&id)
+            .expect("every staged regular file has a tree");
+        self.check_base(hashes, &tree)?;
+        let size = change.size_after(tree.size());
+        self.check_growth(tree.size(), size)?;
+        match change {
+            InPlace::Write(ranges) => {
+                for r in ranges {
+                    f.write_all_at(&r.data, r.offset)
+                        .map_err(|e| self.io("writing", e))?;
+                }
+            }
+            InPlace::Truncate(size) => {
+                f.set_len(*size).map_err(|e| self.io("truncating", e))?;
+            }
+        }
+        let after = tree
+            .updated(size, &change.leaves(size), |i, buf| {
+                f.read_exact_at(buf, i * LEAF)
+            })
+            .map_err(|e| self.io("reading", e))?;
+        self.check_result(hashes, &after)?;
+        f.sync_all().map_err(|e| self.io("fsync", e))?;
+        self.staged_trees.insert(id, after);
+        Ok(())
+    }
+
+    /// Refuses an in-place change that grows a file of `from` bytes to
+    /// `to` by more than `MAX_GROWTH`: the new leaves are hashed (bytes
+    /// beyond the file are zeros), so this bounds the work a hostile
+    /// offset can cause.
+    fn check_growth(&self, from: u64, to: u64) -> Result<(), ApplyError> {
+        if to > from.saturating_add(MAX_GROWTH) {
+            return Err(self.err(format!("grows the file by more than {MAX_GROWTH} bytes")));
+        }
+        Ok(())
+    }
+
+    /// The tree before an in-place change must have the change's base hash.
+    fn check_base(
+        &self,
+        hashes: Option<(Hash, Hash)>,
+        before: &ContentTree,
+    ) -> Result<(), ApplyError> {
+        match hashes {
+            Some((base, _)) if before.root() != base => Err(self.base_mismatch()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The tree after an in-place change must have its result hash.
+    fn check_result(
+        &self,
+        hashes: Option<(Hash, Hash)>,
+        after: &ContentTree,
+    ) -> Result<(), ApplyError> {
+        match hashes {
+            Some((_, result)) if after.root() != result => {
+                Err(self.err("the writes do not produce the result hash"))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A replica inode whose new content is staged for copying stands for
@@ -812,6 +1060,78 @@ impl<'a> Stager<'a> {
         }
     }
 
+    /// The content of the regular file `n` at this point of the batch (a
+    /// delta's basis: it is read into memory), and the file.
+    fn read_basis(&mut self, n: &Node) -> Result<(Vec<u8>, File), ApplyError> {
+        let (mut f, pending) = match n {
+            Node::Replica { start, ino, .. } => {
+                (self.open_replica(start, *ino)?.0, self.pending.get(ino))
+            }
+            Node::Staged { id, .. } => (self.open_staged(*id, OFlag::O_RDONLY)?, None),
+            Node::Gone => unreachable!("looked up"),
+        };
+        let disk = f.metadata().map_err(|e| self.io("stat", e))?.len();
+        if disk.max(pending.map_or(disk, |p| p.size(disk))) > MAX_DELTA_BASE {
+            return Err(self.err(format!(
+                "the file is larger than {MAX_DELTA_BASE} bytes: send it with full content"
+            )));
+        }
+        let mut data = Vec::new();
+        f.read_to_end(&mut data)
+            .map_err(|e| self.io("reading", e))?;
+        for c in pending.iter().flat_map(|p| &p.changes) {
+            apply_in_memory(&mut data, c);
+        }
+        if matches!(n, Node::Replica { .. }) {
+            self.replica_bytes_read += disk;
+        }
+        Ok((data, f))
+    }
+
+    /// Applies `delta` to `basis`, which must hash to `base`, into a new
+    /// staged file, whose content must hash to `result`. Returns the staged
+    /// file and its tree.
+    fn stage_delta(
+        &mut self,
+        basis: Vec<u8>,
+        base: Hash,
+        delta: &[u8],
+        result: Hash,
+    ) -> Result<(u32, File, ContentTree), ApplyError> {
+        if Hash::of(&basis) != base {
+            return Err(self.base_mismatch());
+        }
+        // A hostile delta must not fill the disk; senders keep to the same
+        // bound.
+        let limit = delta_output_limit(basis.len() as u64, delta.len() as u64);
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let (id, file) = self.create_staged_file()?;
+        let tree = self.write_delta(&file, &basis, delta, limit)?;
+        if tree.root() != result {
+            return Err(self.err("the delta does not produce the result hash"));
+        }
+        Ok((id, file, tree))
+    }
+
+    /// Writes the output of `delta` applied to `basis` to `file`, at most
+    /// `limit` bytes; returns its tree.
+    fn write_delta(
+        &self,
+        file: &File,
+        basis: &[u8],
+        delta: &[u8],
+        limit: usize,
+    ) -> Result<ContentTree, ApplyError> {
+        let mut out = TreeWriter {
+            inner: io::BufWriter::new(file),
+            tree: TreeBuilder::new(),
+        };
+        fast_rsync::apply_limited(basis, delta, &mut out, limit)
+            .map_err(|e| self.err(format!("the delta does not apply: {e}")))?;
+        out.inner.flush().map_err(|e| self.io("writing", e))?;
+        Ok(out.tree.finish())
+    }
+
     fn delta(
         &mut self,
         path: &RelPath,
@@ -821,82 +1141,23 @@ impl<'a> Stager<'a> {
         result: Hash,
     ) -> Result<(), ApplyError> {
         let n = self.redirect(n);
-        // The base content as it is at this point of the batch.
-        let (mut basis, src) = match &n {
-            Node::Replica { start, ino, .. } => {
-                let (open_at, earlier) = self
-                    .pending
-                    .get(ino)
-                    .map(|(s, v)| (s.clone(), v.clone()))
-                    .unwrap_or((start.clone(), Vec::new()));
-                let mut f = self.open_replica(&open_at, *ino)?;
-                let disk = f.metadata().map_err(|e| self.io("stat", e))?.len();
-                let refs: Vec<&InPlace> = earlier.iter().collect();
-                if disk.max(size_after(disk, &refs)) > MAX_DELTA_BASE {
-                    return Err(self.err(format!(
-                        "the file is larger than {MAX_DELTA_BASE} bytes: send it with full content"
-                    )));
-                }
-                let mut data = Vec::new();
-                f.read_to_end(&mut data)
-                    .map_err(|e| self.io("reading", e))?;
-                for c in &earlier {
-                    apply_in_memory(&mut data, c);
-                }
-                (data, f)
-            }
-            Node::Staged { id, .. } => {
-                let mut f = self.open_staged(*id, OFlag::O_RDONLY)?;
-                if f.metadata().map_err(|e| self.io("stat", e))?.len() > MAX_DELTA_BASE {
-                    return Err(self.err(format!(
-                        "the file is larger than {MAX_DELTA_BASE} bytes: send it with full content"
-                    )));
-                }
-                let mut data = Vec::new();
-                f.read_to_end(&mut data)
-                    .map_err(|e| self.io("reading", e))?;
-                (data, f)
-            }
-            Node::Gone => unreachable!("looked up"),
-        };
-        if Hash::of(&basis) != base {
-            return Err(self.base_mismatch());
-        }
-        // A delta's output is bounded by what its copy commands can take
-        // from the base and its literals; bound it so a hostile delta
-        // cannot fill the disk.
-        let limit = basis
-            .len()
-            .saturating_add(delta.len())
-            .saturating_mul(16)
-            .max(1 << 20);
-        let (id, file) = self.create_staged_file()?;
-        let mut out = HashingWriter {
-            inner: io::BufWriter::new(&file),
-            hasher: blake3::Hasher::new(),
-        };
-        fast_rsync::apply_limited(&basis, delta, &mut out, limit)
-            .map_err(|e| self.err(format!("the delta does not apply: {e}")))?;
-        let got: Hash = out.hasher.finalize().into();
-        out.inner.flush().map_err(|e| self.io("writing", e))?;
-        drop(out);
-        basis.clear();
-        if got != result {
-            return Err(self.err("the delta does not produce the result hash"));
-        }
+        let (basis, src) = self.read_basis(&n)?;
+        let (id, file, tree) = self.stage_delta(basis, base, delta, result)?;
         let st = nix::sys::stat::fstat(src.as_fd()).map_err(|e| self.errno("fstat", e))?;
-        if let Node::Replica { ino, .. } = n
-            && (st.st_nlink > 1 || self.linked.contains(&ino))
+        if let Node::Replica { ino, start, .. } = &n
+            && (st.st_nlink > 1 || self.linked.contains(ino))
         {
             // The file has other links, which must see the new content as
             // they would after an in-place rewrite: the commit copies the
             // staged content into the inode instead of replacing it.
             file.sync_all().map_err(|e| self.io("fsync", e))?;
-            self.copied.insert(ino, id);
+            self.copied.insert(*ino, id);
+            self.staged_trees.insert(id, tree);
+            self.content_set.entry(*ino).or_insert(start.clone());
             self.push(Step::CopyInto {
                 id,
                 path: path.clone(),
-                ino,
+                ino: *ino,
             });
             return Ok(());
         }
@@ -923,8 +1184,12 @@ impl<'a> Stager<'a> {
                 .map_err(|e| self.errno("staging", e))?;
                 self.staged -= 1;
                 self.retarget(old, st.st_ino);
+                self.staged_trees.insert(old, tree);
             }
-            Node::Replica { ino, .. } => self.install_replacing(path, id, &st, Some(ino)),
+            Node::Replica { ino, .. } => {
+                self.install_replacing(path, id, &st, Some(ino));
+                self.staged_trees.insert(id, tree);
+            }
             Node::Gone => unreachable!("looked up"),
         }
         Ok(())
@@ -967,20 +1232,55 @@ impl<'a> Stager<'a> {
     }
 }
 
-struct HashingWriter<W: Write> {
+/// Writes through to `inner`, building the tree of what it writes.
+struct TreeWriter<W> {
     inner: W,
-    hasher: blake3::Hasher,
+    tree: TreeBuilder,
 }
 
-impl<W: Write> Write for HashingWriter<W> {
+impl<W: Write> Write for TreeWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        self.tree.update(&buf[..n]);
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// A replica file as the batch's changes so far leave it, read by pieces
+/// (bytes past the end of the file on disk read as zeros); counts the
+/// bytes it reads from the disk.
+struct VirtualFile<'f> {
+    file: &'f File,
+    disk: u64,
+    changes: Vec<&'f InPlace>,
+    bytes_read: u64,
+}
+
+impl<'f> VirtualFile<'f> {
+    fn new(file: &'f File, disk: u64, changes: impl IntoIterator<Item = &'f InPlace>) -> Self {
+        VirtualFile {
+            file,
+            disk,
+            changes: changes.into_iter().collect(),
+            bytes_read: 0,
+        }
+    }
+
+    fn read(&mut self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        if at < self.disk {
+            let want = ((self.disk - at) as usize).min(buf.len());
+            self.file.read_exact_at(&mut buf[..want], at)?;
+            self.bytes_read += want as u64;
+        }
+        for c in &self.changes {
+            apply_to_block(buf, at, c);
+        }
+        Ok(())
     }
 }
 
@@ -999,33 +1299,19 @@ fn apply_in_memory(data: &mut Vec<u8>, c: &InPlace) {
     }
 }
 
-/// The size after a list of changes, from `size`.
-fn size_after(mut size: u64, changes: &[&InPlace]) -> u64 {
-    for c in changes {
-        match c {
-            InPlace::Write(ranges) => {
-                if let Some(r) = ranges.last() {
-                    size = size.max(r.offset + r.data.len() as u64);
-                }
-            }
-            InPlace::Truncate(s) => size = *s,
-        }
-    }
-    size
-}
-
 /// Applies `c` to the block of the file at `[at, at + buf.len())`.
 fn apply_to_block(buf: &mut [u8], at: u64, c: &InPlace) {
     let end = at + buf.len() as u64;
     match c {
         InPlace::Write(ranges) => {
-            for r in ranges {
+            // Ranges are in increasing offset order and do not overlap:
+            // skip to the first that ends inside the block.
+            let first = ranges.partition_point(|r| r.offset + r.data.len() as u64 <= at);
+            for r in ranges[first..].iter().take_while(|r| r.offset < end) {
                 let (ro, re) = (r.offset, r.offset + r.data.len() as u64);
                 let (s, e) = (ro.max(at), re.min(end));
-                if s < e {
-                    buf[(s - at) as usize..(e - at) as usize]
-                        .copy_from_slice(&r.data[(s - ro) as usize..(e - ro) as usize]);
-                }
+                buf[(s - at) as usize..(e - at) as usize]
+                    .copy_from_slice(&r.data[(s - ro) as usize..(e - ro) as usize]);
             }
         }
         // Bytes beyond a truncation read as zeros if the file grows again.
@@ -1036,47 +1322,4 @@ fn apply_to_block(buf: &mut [u8], at: u64, c: &InPlace) {
             }
         }
     }
-}
-
-/// The hashes of the file with `earlier` applied, and with `earlier` and
-/// then `change` applied, in one read of the file.
-fn virtual_hashes(f: &File, earlier: &[InPlace], change: &InPlace) -> io::Result<(Hash, Hash)> {
-    let disk = f.metadata()?.len();
-    let refs: Vec<&InPlace> = earlier.iter().collect();
-    let before = size_after(disk, &refs);
-    let mut all = refs.clone();
-    all.push(change);
-    let after = size_after(disk, &all);
-    // Hashing reads every byte up to the size: bound the work a hostile
-    // offset can cause (holes beyond the file are hashed as zeros).
-    if before.max(after) > disk.saturating_add(MAX_GROWTH) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("grows the file by more than {MAX_GROWTH} bytes"),
-        ));
-    }
-    let (mut hb, mut ha) = (blake3::Hasher::new(), blake3::Hasher::new());
-    let mut buf = vec![0u8; BLOCK];
-    let mut at = 0u64;
-    while at < before.max(after) {
-        let len = (before.max(after) - at).min(BLOCK as u64) as usize;
-        let block = &mut buf[..len];
-        block.fill(0);
-        if at < disk {
-            let want = ((disk - at) as usize).min(len);
-            f.read_exact_at(&mut block[..want], at)?;
-        }
-        for c in &refs {
-            apply_to_block(block, at, c);
-        }
-        if at < before {
-            hb.update(&block[..((before - at) as usize).min(len)]);
-        }
-        apply_to_block(block, at, change);
-        if at < after {
-            ha.update(&block[..((after - at) as usize).min(len)]);
-        }
-        at += len as u64;
-    }
-    Ok((hb.finalize().into(), ha.finalize().into()))
 }

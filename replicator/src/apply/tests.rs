@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use nix::sys::stat::{Mode, UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
 
+use super::tree_cache::TreeCache;
 use super::*;
 use crate::batch::{
     BatchHeader, BatchWriter, Chunk, Content, Extent, Hash, NodeKind, Op, RelPath, Timestamp,
     WriteRange,
 };
+use crate::tree::{ContentTree, LEAF};
 use crate::verify;
 
 const SOURCE: [u8; 16] = [7; 16];
@@ -368,9 +370,10 @@ fn update(f: &Fixture) -> Vec<u8> {
 }
 
 /// Batch 3 (2 → 3), applied after `update`: streamed files, content ops
-/// on files the batch itself creates, a rename cycle, new directories
-/// moved, an exchange, a removal of a directory the batch empties, links
-/// to replica files, xattrs on directories and the root.
+/// on files the batch itself creates, files saved as deltas against a
+/// replica file and a staged one, a rename cycle, new directories moved,
+/// an exchange, a removal of a directory the batch empties, links to
+/// replica files, xattrs on directories and the root.
 fn update2(f: &Fixture) -> Vec<u8> {
     let e = &f.expected;
     let q = vec![b'q'; 65536];
@@ -378,7 +381,17 @@ fn update2(f: &Fixture) -> Vec<u8> {
     stream[..5].copy_from_slice(b"start");
     stream[2 << 20..(2 << 20) + q.len()].copy_from_slice(&q);
     let new_big = fs::read(e.join("big")).unwrap();
+    let saved_big = [&new_big[..], b"saved\n"].concat();
+    let t2 = b"Xbc and more, saved";
     let mut ops = vec![
+        Op::CreateFromDelta {
+            path: p("big.saved"),
+            basis: p("big"),
+            base: Hash::of(&new_big),
+            delta: delta(&new_big, &saved_big),
+            mode: 0o640,
+            result: Hash::of(&saved_big),
+        },
         Op::BeginFile {
             path: p("stream"),
             mode: 0o644,
@@ -413,6 +426,14 @@ fn update2(f: &Fixture) -> Vec<u8> {
             base: Hash::of(b"Xbc"),
             delta: delta(b"Xbc", b"Xbc and more"),
             result: Hash::of(b"Xbc and more"),
+        },
+        Op::CreateFromDelta {
+            path: p("t2"),
+            basis: p("t1"),
+            base: Hash::of(b"Xbc and more"),
+            delta: delta(b"Xbc and more", t2),
+            mode: 0o600,
+            result: Hash::of(t2),
         },
         Op::Rename {
             from: p("big"),
@@ -499,6 +520,8 @@ fn update2(f: &Fixture) -> Vec<u8> {
     std::os::unix::fs::FileExt::write_all_at(&sf, &q, 2 << 20).unwrap();
     fs::set_permissions(e.join("stream"), fs::Permissions::from_mode(0o644)).unwrap();
     write_file(e, "t1", b"Xbc and more", 0o644);
+    write_file(e, "t2", t2, 0o600);
+    write_file(e, "big.saved", &saved_big, 0o640);
     fs::rename(e.join("big"), e.join("victim.tmp")).unwrap();
     fs::rename(e.join("victim"), e.join("big")).unwrap();
     fs::rename(e.join("victim.tmp"), e.join("victim")).unwrap();
@@ -923,7 +946,8 @@ fn device_nodes_and_sockets() {
     assert_eq!(m.rdev(), dev);
 }
 
-/// The cost of a 4 KiB in-place edit of a 1 GiB file (run with
+/// The cost of a 4 KiB in-place edit of a 1 GiB file, first without a tree
+/// cache entry (the file is read once), then with one (run with
 /// `cargo test --release -p ferry-replicator perf_ -- --ignored --nocapture`).
 #[test]
 #[ignore]
@@ -936,41 +960,50 @@ fn perf_small_edit_of_a_large_file() {
         std::os::unix::fs::FileExt::write_all_at(&big, &chunk, i << 20).unwrap();
     }
     drop(big);
-    let mut h = blake3::Hasher::new();
-    for _ in 0..(size >> 20) {
-        h.update(&chunk);
+    let mut tree = ContentTree::build(size, |i, buf| {
+        let at = (i * LEAF) as usize % chunk.len();
+        buf.copy_from_slice(&chunk[at..at + buf.len()]);
+        Ok(())
+    })
+    .unwrap();
+    for (seq, at) in [(1, size / 2), (2, size / 3)] {
+        let edit = vec![b'E' + seq as u8; 4096];
+        assert_eq!(
+            crate::tree::leaves_of(at, 4096, size).count(),
+            1,
+            "each edit lies in one leaf (and not in the other's)"
+        );
+        let after = tree
+            .updated(size, &[at / LEAF].into(), |i, buf| {
+                let start = i * LEAF;
+                let c = (start as usize) % chunk.len();
+                buf.copy_from_slice(&chunk[c..c + buf.len()]);
+                let mut file = std::io::Cursor::new(buf);
+                file.set_position(at - start);
+                std::io::Write::write_all(&mut file, &edit)
+            })
+            .unwrap();
+        let ops = [Op::WriteRanges {
+            path: p("big"),
+            ranges: vec![WriteRange {
+                offset: at,
+                data: edit,
+            }],
+            base: tree.root(),
+            result: after.root(),
+        }];
+        let b = batch_bytes(seq - 1, seq, &ops);
+        let t = std::time::Instant::now();
+        let r = f.apply(&b).expect("apply");
+        eprintln!(
+            "4 KiB edit of a 1 GiB file, {}: apply {:?}, {} bytes read, commit window {} us",
+            if seq == 1 { "no cache entry" } else { "cached" },
+            t.elapsed(),
+            r.replica_bytes_read,
+            r.commit_window_us
+        );
+        tree = after;
     }
-    let base: Hash = h.finalize().into();
-    let mut h = blake3::Hasher::new();
-    let edit = vec![b'E'; 4096];
-    let at = size / 2;
-    for i in 0..(size >> 20) {
-        if i << 20 == at {
-            let mut c = chunk.clone();
-            c[..4096].copy_from_slice(&edit);
-            h.update(&c);
-        } else {
-            h.update(&chunk);
-        }
-    }
-    let result: Hash = h.finalize().into();
-    let ops = [Op::WriteRanges {
-        path: p("big"),
-        ranges: vec![WriteRange {
-            offset: at,
-            data: edit,
-        }],
-        base,
-        result,
-    }];
-    let b = batch_bytes(0, 1, &ops);
-    let t = std::time::Instant::now();
-    let r = f.apply(&b).expect("apply");
-    eprintln!(
-        "4 KiB edit of a 1 GiB file: apply {:?}, commit window {} us",
-        t.elapsed(),
-        r.commit_window_us
-    );
 }
 
 #[test]
@@ -1005,4 +1038,373 @@ fn wrong_replica_and_overlap_refused() {
     // A batch for any replica is accepted.
     f.apply(&make(0, 4, 5)).expect("any replica");
     assert_eq!(read_applied(&f.replica).unwrap().unwrap().seq, 5);
+}
+
+// ---- content trees and the replica's tree cache ----
+
+/// Bytes that do not repeat within a leaf, so that a leaf read from the
+/// wrong place would hash differently.
+fn large(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 13) as u8) ^ seed)
+        .collect()
+}
+
+const LARGE: usize = 4 << 20;
+
+/// A `WriteRanges` of `bytes` at `at` on `before`, and the content after.
+fn edit(path: &str, before: &[u8], at: usize, bytes: &[u8]) -> (Op, Vec<u8>) {
+    let mut after = before.to_vec();
+    if after.len() < at + bytes.len() {
+        after.resize(at + bytes.len(), 0);
+    }
+    after[at..at + bytes.len()].copy_from_slice(bytes);
+    let op = Op::WriteRanges {
+        path: p(path),
+        ranges: vec![WriteRange {
+            offset: at as u64,
+            data: bytes.to_vec(),
+        }],
+        base: Hash::of(before),
+        result: Hash::of(&after),
+    };
+    (op, after)
+}
+
+/// The tree the replica's tree cache holds for `rel`, if its entry is
+/// valid for the file as it is now.
+fn cached_tree(f: &Fixture, rel: &str) -> Option<ContentTree> {
+    let st = nix::sys::stat::lstat(&f.replica.join(rel)).expect("stat");
+    TreeCache::new(&f.state()).load(&st)
+}
+
+fn entry_path(f: &Fixture, rel: &str) -> PathBuf {
+    let ino = fs::metadata(f.replica.join(rel)).expect("stat").ino();
+    f.state().join("trees").join(ino.to_string())
+}
+
+#[test]
+fn in_place_edit_of_a_large_file_reads_only_the_leaves_it_touches() {
+    let f = Fixture::new();
+    let data = large(LARGE, 1);
+    let seed = create("big", 0o644, Content::Raw(data.clone()));
+    let r = f.apply(&batch_bytes(0, 1, &[seed])).expect("create");
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert!(entry_path(&f, "big").exists());
+    assert_eq!(cached_tree(&f, "big"), Some(ContentTree::of_bytes(&data)));
+
+    // 4 KiB inside one leaf, then across two leaves: only those are read.
+    let (op, data) = edit("big", &data, (3 << 20) + 100, &[b'E'; 4096]);
+    let r = f.apply(&batch_bytes(1, 2, &[op])).expect("edit");
+    assert_eq!(r.replica_bytes_read, LEAF);
+    assert_eq!(fs::read(f.replica.join("big")).unwrap(), data);
+    assert_eq!(cached_tree(&f, "big"), Some(ContentTree::of_bytes(&data)));
+    let (op, data) = edit("big", &data, 5 * LEAF as usize - 10, &[b'F'; 20]);
+    let r = f
+        .apply(&batch_bytes(2, 3, &[op]))
+        .expect("edit across leaves");
+    assert_eq!(r.replica_bytes_read, 2 * LEAF);
+    assert_eq!(fs::read(f.replica.join("big")).unwrap(), data);
+
+    // Unlinking the file removes its entry.
+    let entry = entry_path(&f, "big");
+    f.apply(&batch_bytes(3, 4, &[Op::Unlink { path: p("big") }]))
+        .expect("unlink");
+    assert!(!entry.exists());
+}
+
+#[test]
+fn a_change_behind_ferrys_back_invalidates_the_tree_cache() {
+    for put_mtime_back in [false, true] {
+        let f = Fixture::new();
+        let data = large(LARGE, 2);
+        let seed = create("big", 0o644, Content::Raw(data.clone()));
+        f.apply(&batch_bytes(0, 1, &[seed])).expect("create");
+        assert!(cached_tree(&f, "big").is_some());
+        let path = f.replica.join("big");
+        let before = fs::metadata(&path).unwrap();
+        // One byte in the first leaf, the size kept (and the mtime put
+        // back, as `touch -d` would): only the ctime tells.
+        std::os::unix::fs::FileExt::write_all_at(
+            &fs::File::options().write(true).open(&path).unwrap(),
+            b"X",
+            100,
+        )
+        .unwrap();
+        if put_mtime_back {
+            let t = |sec, nsec| TimeSpec::new(sec, nsec);
+            utimensat(
+                nix::fcntl::AT_FDCWD,
+                &path,
+                &t(before.atime(), before.atime_nsec()),
+                &t(before.mtime(), before.mtime_nsec()),
+                UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+            let after = fs::metadata(&path).unwrap();
+            assert_eq!(
+                (after.len(), after.mtime(), after.mtime_nsec()),
+                (before.len(), before.mtime(), before.mtime_nsec())
+            );
+        }
+        // The edit is far from the changed byte: only a stale tree would
+        // take the file's content for the edit's base.
+        let (op, _) = edit("big", &data, 3 << 20, &[b'E'; 4096]);
+        let err = f.apply(&batch_bytes(1, 2, &[op])).expect_err("changed");
+        assert!(matches!(err, ApplyError::BaseMismatch { .. }), "{err}");
+        let mut expect = data.clone();
+        expect[100] = b'X';
+        assert!(fs::read(&path).unwrap() == expect, "nothing was applied");
+        assert_eq!(read_applied(&f.replica).unwrap().unwrap().seq, 1);
+        assert!(cached_tree(&f, "big").is_none());
+    }
+}
+
+#[test]
+fn in_place_changes_to_large_files_within_one_batch() {
+    let f = Fixture::new();
+    let data = large(LARGE, 3);
+    let seed = create("big", 0o644, Content::Raw(data.clone()));
+    f.apply(&batch_bytes(0, 1, &[seed])).expect("create");
+
+    let l = LEAF as usize;
+    // A replica file: writes across a leaf boundary, a truncation in the
+    // middle of a leaf, a write past the end (zeros between), another
+    // write over the first.
+    let (w1, big) = edit("big", &data, 3 * l - 5, &[1; 10]);
+    let mut big = big;
+    big.truncate(10 * l + 7);
+    let (w2, big) = edit("big", &big, 12 * l + 3, &[2; 5000]);
+    let (w3, big) = edit("big", &big, 3 * l - 2, &[3; 4]);
+    // A file staged by the batch, changed the same ways.
+    let fresh = large(6 * l + 1, 4);
+    let (w4, new) = edit("new", &fresh, l - 1, &[4; 2]);
+    let mut new = new;
+    new.truncate(2 * l + 9);
+    let (w5, new) = edit("new", &new, 7 * l, &[5; 3]);
+    let ops = [
+        w1,
+        Op::Truncate {
+            path: p("big"),
+            size: 10 * LEAF + 7,
+        },
+        w2,
+        w3,
+        create("new", 0o600, Content::Raw(fresh)),
+        w4,
+        Op::Truncate {
+            path: p("new"),
+            size: 2 * LEAF + 9,
+        },
+        w5,
+    ];
+    let r = f.apply(&batch_bytes(1, 2, &ops)).expect("apply");
+    assert!(r.replica_bytes_read <= 8 * LEAF, "{r:?}");
+    assert!(fs::read(f.replica.join("big")).unwrap() == big);
+    assert!(fs::read(f.replica.join("new")).unwrap() == new);
+    assert_eq!(cached_tree(&f, "big"), Some(ContentTree::of_bytes(&big)));
+    assert_eq!(cached_tree(&f, "new"), Some(ContentTree::of_bytes(&new)));
+}
+
+#[test]
+fn without_a_cache_entry_the_file_is_read_once() {
+    let f = Fixture::new();
+    let data = large(LARGE, 5);
+    fs::write(f.replica.join("big"), &data).unwrap();
+    let (w1, after) = edit("big", &data, 100, b"one");
+    let (w2, after) = edit("big", &after, 200, b"two");
+    let ops = [
+        // A truncation alone leaves the tree unknown rather than read.
+        Op::Truncate {
+            path: p("big"),
+            size: LARGE as u64,
+        },
+        w1,
+        w2,
+    ];
+    let r = f.apply(&batch_bytes(0, 1, &ops)).expect("apply");
+    // The whole file once, then the leaf each write touches.
+    assert_eq!(r.replica_bytes_read, LARGE as u64 + 2 * LEAF);
+    assert!(fs::read(f.replica.join("big")).unwrap() == after);
+    assert_eq!(cached_tree(&f, "big"), Some(ContentTree::of_bytes(&after)));
+}
+
+#[test]
+fn create_from_delta_saves_over_the_old_file() {
+    let f = Fixture::new();
+    let e = &f.expected;
+    let doc = big_text();
+    let notes = b"short notes\n".repeat(10);
+    f.apply(&batch_bytes(
+        0,
+        1,
+        &[
+            create("doc", 0o600, Content::compress_if_it_pays(&doc)),
+            create("notes", 0o644, Content::Raw(notes.clone())),
+        ],
+    ))
+    .expect("seed");
+    let mut new_doc = doc.clone();
+    new_doc.splice(100..110, b"SAVED BY AN EDITOR".iter().copied());
+    let new_notes = [&notes[..], b"one more\n"].concat();
+    let mut ops = vec![
+        // Written anew and renamed over the old.
+        Op::CreateFromDelta {
+            path: p("doc.tmp"),
+            basis: p("doc"),
+            base: Hash::of(&doc),
+            delta: delta(&doc, &new_doc),
+            mode: 0o640,
+            result: Hash::of(&new_doc),
+        },
+        Op::Rename {
+            from: p("doc.tmp"),
+            to: p("doc"),
+            exchange: false,
+        },
+        // Replacing its own basis.
+        Op::CreateFromDelta {
+            path: p("notes"),
+            basis: p("notes"),
+            base: Hash::of(&notes),
+            delta: delta(&notes, &new_notes),
+            mode: 0o600,
+            result: Hash::of(&new_notes),
+        },
+    ];
+    write_file(e, "doc", &new_doc, 0o640);
+    write_file(e, "notes", &new_notes, 0o600);
+    ops.extend(stamp(e));
+    let r = f.apply(&batch_bytes(1, 2, &ops)).expect("apply");
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert_eq!(r.replica_bytes_read, (doc.len() + notes.len()) as u64);
+    f.assert_equal();
+    assert_eq!(
+        cached_tree(&f, "doc"),
+        Some(ContentTree::of_bytes(&new_doc))
+    );
+}
+
+#[test]
+fn create_from_delta_refuses_a_wrong_base_and_a_missing_basis() {
+    let f = Fixture::new();
+    f.apply(&batch_bytes(
+        0,
+        1,
+        &[create("doc", 0o644, Content::Raw(b"old".to_vec()))],
+    ))
+    .expect("seed");
+    let op = |basis: &str, base: &[u8]| Op::CreateFromDelta {
+        path: p("doc.new"),
+        basis: p(basis),
+        base: Hash::of(base),
+        delta: delta(b"old", b"new"),
+        mode: 0o644,
+        result: Hash::of(b"new"),
+    };
+    let err = f
+        .apply(&batch_bytes(1, 2, &[op("doc", b"something else")]))
+        .expect_err("wrong base");
+    assert!(
+        matches!(
+            &err,
+            ApplyError::BaseMismatch {
+                op: "CreateFromDelta",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = f
+        .apply(&batch_bytes(1, 2, &[op("nope", b"old")]))
+        .expect_err("no basis");
+    assert!(err.to_string().contains("nope does not exist"), "{err}");
+    assert!(!f.replica.join("doc.new").exists());
+    assert!(staging_is_empty(&f));
+    assert_eq!(read_applied(&f.replica).unwrap().unwrap().seq, 1);
+}
+
+/// A delta whose copy commands take the whole base again and again: 85
+/// output bytes per delta byte, far beyond what any real delta makes.
+fn hostile_delta() -> Vec<u8> {
+    let mut d = vec![0x72, 0x73, 0x02, 0x36];
+    for _ in 0..20_000 {
+        d.extend_from_slice(&[0x45, 0, 255]);
+    }
+    d.push(0);
+    d
+}
+
+#[test]
+fn a_hostile_delta_is_bounded() {
+    let f = Fixture::new();
+    let base = large(255, 6);
+    f.apply(&batch_bytes(
+        0,
+        1,
+        &[create("doc", 0o644, Content::Raw(base.clone()))],
+    ))
+    .expect("seed");
+    let ops = [
+        Op::Delta {
+            path: p("doc"),
+            base: Hash::of(&base),
+            delta: hostile_delta(),
+            result: Hash::default(),
+        },
+        Op::CreateFromDelta {
+            path: p("doc.new"),
+            basis: p("doc"),
+            base: Hash::of(&base),
+            delta: hostile_delta(),
+            mode: 0o644,
+            result: Hash::default(),
+        },
+    ];
+    for op in ops {
+        let name = op.name();
+        let err = f.apply(&batch_bytes(1, 2, &[op])).expect_err("bounded");
+        assert!(
+            matches!(&err, ApplyError::Op { op, .. } if *op == name)
+                && err.to_string().contains("the delta does not apply"),
+            "{err}"
+        );
+        assert!(staging_is_empty(&f));
+        assert_eq!(fs::read(f.replica.join("doc")).unwrap(), base);
+        assert!(!f.replica.join("doc.new").exists());
+    }
+}
+
+#[test]
+fn in_place_growth_is_bounded() {
+    let f = Fixture::new();
+    f.apply(&batch_bytes(
+        0,
+        1,
+        &[create("doc", 0o644, Content::Raw(b"old".to_vec()))],
+    ))
+    .expect("seed");
+    let far = |path| Op::WriteRanges {
+        path: p(path),
+        ranges: vec![WriteRange {
+            offset: 20 << 30,
+            data: b"x".to_vec(),
+        }],
+        base: Hash::of(b"old"),
+        result: Hash::default(),
+    };
+    // On a replica file, and on one the batch creates.
+    let replica = [far("doc")];
+    let staged = [
+        create("new", 0o644, Content::Raw(b"old".to_vec())),
+        far("new"),
+    ];
+    for ops in [&replica[..], &staged[..]] {
+        let err = f.apply(&batch_bytes(1, 2, ops)).expect_err("too far");
+        assert!(
+            err.to_string().contains("grows the file by more than"),
+            "{err}"
+        );
+        assert_eq!(fs::metadata(f.replica.join("doc")).unwrap().len(), 3);
+    }
 }

@@ -84,6 +84,17 @@ pub mod limits {
     /// The zstd decoder refuses frames that need a window above 2^this
     /// bytes, which bounds its memory.
     pub const ZSTD_WINDOW_LOG_MAX: u32 = 26;
+
+    /// The most bytes a delta of `delta_len` bytes against a base of
+    /// `base_len` bytes may produce: the applier refuses more (a hostile
+    /// delta must not fill the disk by copying one block over and over),
+    /// so a sender makes no delta that needs more.
+    pub fn delta_output_limit(base_len: u64, delta_len: u64) -> u64 {
+        base_len
+            .saturating_add(delta_len)
+            .saturating_mul(16)
+            .max(1 << 20)
+    }
 }
 
 /// What a batch says about itself: where it comes from, which replica and

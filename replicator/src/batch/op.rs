@@ -185,6 +185,19 @@ pub enum Op {
     },
     /// Ends the file the last [`Op::BeginFile`] opened.
     EndFile,
+    /// A new file at `path` whose content is a librsync-format delta
+    /// applied to the regular file at `basis` as it is at this point of the
+    /// batch (its content hashes to `base`): a file saved by writing a new
+    /// one and renaming it over the old, sent as a delta against the old.
+    CreateFromDelta {
+        path: RelPath,
+        basis: RelPath,
+        base: Hash,
+        #[serde(with = "serde_bytes")]
+        delta: Vec<u8>,
+        mode: u32,
+        result: Hash,
+    },
 }
 
 fn ranges<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<WriteRange>, D::Error> {
@@ -228,6 +241,7 @@ impl Op {
             Op::BeginFile { .. } => "BeginFile",
             Op::FileData { .. } => "FileData",
             Op::EndFile => "EndFile",
+            Op::CreateFromDelta { .. } => "CreateFromDelta",
         }
     }
 
@@ -239,7 +253,10 @@ impl Op {
                 existing: a,
                 new: b,
             }
-            | Op::Rename { from: a, to: b, .. } => vec![a, b],
+            | Op::Rename { from: a, to: b, .. }
+            | Op::CreateFromDelta {
+                path: a, basis: b, ..
+            } => vec![a, b],
             Op::Mkdir { path, .. }
             | Op::Symlink { path, .. }
             | Op::Mknod { path, .. }
@@ -268,7 +285,7 @@ impl Op {
             Op::CreateFile { content, .. } => content.data_len(),
             Op::FileData { data, .. } => data.len(),
             Op::WriteRanges { ranges, .. } => ranges.iter().map(|r| r.data.len() as u64).sum(),
-            Op::Delta { delta, .. } => delta.len() as u64,
+            Op::Delta { delta, .. } | Op::CreateFromDelta { delta, .. } => delta.len() as u64,
             _ => 0,
         }
     }
@@ -297,6 +314,15 @@ impl Op {
         let file_offset = |field: &'static str, off: u64, len: u64| match off.checked_add(len) {
             Some(end) if end <= MAX_FILE_SIZE => Ok(()),
             _ => Err(err(field, format!("ends beyond {MAX_FILE_SIZE}"))),
+        };
+        let delta_bytes = |delta: &[u8]| {
+            if !delta.starts_with(&DELTA_MAGIC) {
+                return Err(err("delta", "does not start with the delta magic".into()));
+            }
+            if delta.len() as u64 > MAX_CHUNK_LEN {
+                return Err(err("delta", format!("more than {MAX_CHUNK_LEN} bytes")));
+            }
+            Ok(())
         };
         let xattr_name = |name: &[u8]| {
             if name.is_empty() || name.len() > MAX_XATTR_NAME || name.contains(&0) {
@@ -390,13 +416,19 @@ impl Op {
             }
             Op::Delta { path, delta, .. } => {
                 not_root("path", path)?;
-                if !delta.starts_with(&DELTA_MAGIC) {
-                    return Err(err("delta", "does not start with the delta magic".into()));
-                }
-                if delta.len() as u64 > MAX_CHUNK_LEN {
-                    return Err(err("delta", format!("more than {MAX_CHUNK_LEN} bytes")));
-                }
-                Ok(())
+                delta_bytes(delta)
+            }
+            Op::CreateFromDelta {
+                path,
+                basis,
+                delta,
+                mode: m,
+                ..
+            } => {
+                not_root("path", path)?;
+                not_root("basis", basis)?;
+                mode(*m)?;
+                delta_bytes(delta)
             }
             Op::Chown { .. } => Ok(()),
             Op::Utimes { atime, mtime, .. } => {

@@ -164,6 +164,14 @@ fn sample_ops() -> Vec<Op> {
             delta: [&DELTA_MAGIC[..], &[0x41, 5, 1, 2, 3, 4, 5, 0]].concat(),
             result: h,
         },
+        Op::CreateFromDelta {
+            path: p("dir/b.new"),
+            basis: p("dir/b"),
+            base: h,
+            delta: [&DELTA_MAGIC[..], &[0x45, 0, 3, 0]].concat(),
+            mode: 0o640,
+            result: Hash::of(b"HEl"),
+        },
         Op::Chmod {
             path: RelPath::root(),
             mode: 0o700,
@@ -349,6 +357,32 @@ fn batch_wire_encoding_of_a_path_op() {
         postcard::to_stdvec(&Op::Unlink { path: p("a/bc") }).unwrap(),
         want
     );
+}
+
+#[test]
+fn batch_wire_encoding_of_create_from_delta() {
+    // The example in docs/FORMAT.md.
+    let delta = [&DELTA_MAGIC[..], &[0x41, 3, 1, 2, 3, 0]].concat();
+    let op = Op::CreateFromDelta {
+        path: p("a.tmp"),
+        basis: p("a"),
+        base: Hash([0xbb; 32]),
+        delta: delta.clone(),
+        mode: 0o644,
+        result: Hash([0xee; 32]),
+    };
+    let want = [
+        &[19, 1, 5][..],
+        b"a.tmp",
+        &[1, 1, b'a'],
+        &[0xbb; 32],
+        &[10],
+        &delta,
+        &[0xa4, 0x03],
+        &[0xee; 32],
+    ]
+    .concat();
+    assert_eq!(postcard::to_stdvec(&op).unwrap(), want);
 }
 
 fn error_of(bytes: &[u8]) -> BatchError {
@@ -811,6 +845,38 @@ fn batch_invalid_fields_are_refused() {
             delta: b"nope".to_vec(),
             result: Hash::default(),
         },
+        Op::CreateFromDelta {
+            path: p("f"),
+            basis: p("g"),
+            base: Hash::default(),
+            delta: b"nope".to_vec(),
+            mode: 0o644,
+            result: Hash::default(),
+        },
+        Op::CreateFromDelta {
+            path: p("f"),
+            basis: p("g"),
+            base: Hash::default(),
+            delta: DELTA_MAGIC.to_vec(),
+            mode: 0o10644,
+            result: Hash::default(),
+        },
+        Op::CreateFromDelta {
+            path: RelPath::root(),
+            basis: p("g"),
+            base: Hash::default(),
+            delta: DELTA_MAGIC.to_vec(),
+            mode: 0o644,
+            result: Hash::default(),
+        },
+        Op::CreateFromDelta {
+            path: p("f"),
+            basis: RelPath::root(),
+            base: Hash::default(),
+            delta: DELTA_MAGIC.to_vec(),
+            mode: 0o644,
+            result: Hash::default(),
+        },
         Op::Utimes {
             path: p("f"),
             atime: Timestamp {
@@ -1118,6 +1184,23 @@ fn arb_op() -> impl Strategy<Value = Op> {
                 result,
             }
         }),
+        (
+            (arb_path(), arb_path()),
+            arb_hash(),
+            arb_bytes(200),
+            mode.clone(),
+            arb_hash()
+        )
+            .prop_map(
+                |((path, basis), base, d, mode, result)| Op::CreateFromDelta {
+                    path,
+                    basis,
+                    base,
+                    delta: [&DELTA_MAGIC[..], &d].concat(),
+                    mode,
+                    result,
+                }
+            ),
         (arb_path(), mode.clone()).prop_map(|(path, mode)| Op::Chmod { path, mode }),
         (arb_path(), any::<u32>(), any::<u32>()).prop_map(|(path, uid, gid)| Op::Chown {
             path,
