@@ -40,6 +40,15 @@ pub enum Command {
     /// is unusable, or an entry could not be read: the comparison is
     /// incomplete).
     Verify(VerifyArgs),
+    /// Push everything a replica has not applied yet.
+    ///
+    /// Through a live mount: `ferry push MOUNTPOINT REPLICA_DIR` (the mount
+    /// process does the push). On an unmounted state directory:
+    /// `ferry push --state DIR --source SOURCE REPLICA_DIR`. The first push
+    /// to an empty directory copies the whole tree. REPLICA_DIR must exist
+    /// and lie outside SOURCE, MOUNTPOINT and the state directory.
+    #[command(allow_missing_positional = true)]
+    Push(PushArgs),
 }
 
 #[derive(Args, Debug)]
@@ -109,4 +118,37 @@ pub struct VerifyArgs {
     /// One JSON object per difference, then a summary object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// A ferry mountpoint (or name an unmounted journal with --state and --source).
+    #[arg(
+        value_name = "MOUNTPOINT",
+        required_unless_present = "state",
+        conflicts_with = "state"
+    )]
+    pub mountpoint: Option<PathBuf>,
+    /// Where to push: a local directory (it must exist).
+    #[arg(value_name = "REPLICA_DIR")]
+    pub replica: PathBuf,
+    /// An unmounted state directory to push from (needs --source).
+    #[arg(long, requires = "source")]
+    pub state: Option<PathBuf>,
+    /// The source tree the --state journal belongs to.
+    #[arg(long, requires = "state")]
+    pub source: Option<PathBuf>,
+    /// Plan and count the push, but change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print every figure of the report as a table.
+    #[arg(long, conflicts_with = "json")]
+    pub stats: bool,
+    /// Print the report as one JSON object (and nothing else on stdout).
+    #[arg(long)]
+    pub json: bool,
+    /// Draw a progress bar on stderr (the default when stderr is a terminal,
+    /// except with --json).
+    #[arg(long)]
+    pub progress: bool,
 }

@@ -6,6 +6,7 @@
 
 mod cli;
 mod cmd;
+mod control;
 mod mounts;
 mod state_dir;
 

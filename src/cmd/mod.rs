@@ -2,6 +2,7 @@
 
 mod journal_view;
 mod mount;
+mod push;
 mod umount;
 mod verify;
 
@@ -15,6 +16,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Umount(args) => umount::run(args),
         Command::Log(args) => journal_view::log(args),
         Command::Status(args) => journal_view::status(args),
+        Command::Push(args) => push::run(args),
         // The one command with its own exit codes (0 equal, 1 differ, 2 error).
         Command::Verify(args) => return verify::run(args),
     }

@@ -1,5 +1,6 @@
 //! `ferry mount`: validate, optionally detach into the background, open the
-//! journal, mount, serve until told to stop, and stop cleanly.
+//! journal, mount, serve (the filesystem, and pushes on the control socket)
+//! until told to stop, and stop cleanly.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -13,7 +14,7 @@ use journal::{Journal, OpenOptions};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::cli::MountArgs;
-use crate::{mounts, state_dir};
+use crate::{control, mounts, state_dir};
 
 /// How long an unmount waits for open files to close before aborting them.
 const UNMOUNT_GRACE: Duration = Duration::from_secs(5);
@@ -191,8 +192,9 @@ fn create_state_dir(state: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating state directory {}", state.display()))
 }
 
-/// Opens the journal, mounts, reports readiness, serves until a signal or an
-/// external unmount, then unmounts and closes the journal cleanly.
+/// Opens the journal, mounts, starts the control socket, reports readiness,
+/// serves until a signal or an external unmount, then unmounts, lets a
+/// running push finish, and closes the journal cleanly.
 fn serve(plan: &Plan, ready: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     // Block the stop signals in every thread; one thread waits for them.
     let mut signals = SigSet::empty();
@@ -237,6 +239,24 @@ fn serve(plan: &Plan, ready: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
             return Err(err).with_context(|| format!("mounting at {}", plan.mountpoint.display()));
         }
     };
+    // The journal's lock is held, so a control socket left in the state
+    // directory is stale and may be replaced.
+    let pusher = control::Pusher::new(
+        journal.clone(),
+        plan.source.clone(),
+        Some(plan.mountpoint.clone()),
+        plan.state.clone(),
+    );
+    let socket = plan.state.join(control::SOCKET_NAME);
+    let mut control = match control::Server::start(&socket, Arc::new(pusher)) {
+        Ok(server) => server,
+        Err(err) => {
+            let _ = mounted.unmount(UNMOUNT_GRACE);
+            drop(fs);
+            let _ = journal.close();
+            return Err(err).context("starting the control socket");
+        }
+    };
     let pid_file = plan.state.join("mount.pid");
     std::fs::write(
         &pid_file,
@@ -265,7 +285,11 @@ fn serve(plan: &Plan, ready: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
         recv(stop_rx) -> signal => tracing::info!(?signal, "stopping"),
         recv(mounted.ended()) -> _ => tracing::info!("unmounted from outside"),
     }
+    // No new pushes; one already running finishes before the journal
+    // closes (it reads the source, not the mount).
+    control.close();
     let unmounted = mounted.unmount(UNMOUNT_GRACE);
+    control.finish();
     drop(fs);
     journal.close().context("closing the journal")?;
     let _ = std::fs::remove_file(&pid_file);

@@ -7,7 +7,8 @@
 //! - `crash`: kill -9 during writes, then recovery misses nothing;
 //! - `bad_input`: refused mounts leave nothing behind;
 //! - `mount`: life cycle, inode numbers, single-operation journal records;
-//! - `verify`: `ferry verify` against trees copied by `rsync -aHAX`.
+//! - `verify`: `ferry verify` against trees copied by `rsync -aHAX`;
+//! - `replication`: pushes converge, judged by `ferry verify` and rsync.
 
 mod bad_input;
 mod crash;
@@ -15,5 +16,7 @@ mod differential;
 mod mount;
 mod ops;
 mod privileges;
+mod push_cli;
+mod replication;
 mod util;
 mod verify;

@@ -1,16 +1,46 @@
 //! Pushing: what the journal recorded since a replica's applied sequence
 //! number, made into one batch and applied on the replica.
 //!
-//! (Being written: see `report` for the API the CLI and the control socket
-//! use.)
+//! 1. Read the replica's applied sequence number `from` (beside it) and
+//!    fix `to` with the journal's barrier. Equal, or only records that
+//!    change nothing on a replica in between: nothing to do (this path
+//!    costs what the records since the last push cost, whatever the tree's
+//!    size).
+//! 2. The tree at `from` and the records of `(from, to]` (the journal keeps
+//!    both from the previous push, so this costs what changed), their
+//!    changeset, and its namespace steps (`journal::Changeset`).
+//! 3. `plan` writes the batch while the applier, on another thread, reads
+//!    it from a pipe and stages it: the batch is never held whole in memory
+//!    or on disk. The applier commits only after the batch's trailer.
+//! 4. A base that does not match on the replica (its copy was changed
+//!    behind ferry's back) stops the apply before anything is visible; the
+//!    file is then sent with full content and the batch made again.
+//! 5. On success the journal records the replica's new sequence number and
+//!    the trees and signatures of what it now holds, and keeps the tree at
+//!    `to` for the next push.
 
+mod cache;
+mod plan;
 mod report;
+mod source;
 
 pub use report::{Progress, PushError, PushOptions, PushReport};
 
+use std::collections::{HashMap, HashSet};
+use std::io::{self, BufReader, BufWriter, Write};
 use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use journal::Journal;
+use journal::{Changeset, FileId, Journal, NsStep, Seq};
+
+use crate::apply::{self, ApplyError, ApplyOptions, ApplyReport};
+use crate::batch::{ANY_REPLICA, BatchHeader, BatchWriter};
+use cache::ReplicaCopy;
+use plan::{Plan, Written};
+use source::Source;
+
+/// Pipe buffer between the batch writer and the applier.
+const PIPE_BUFFER: usize = 1 << 20;
 
 /// Pushes everything the journal recorded that `replica` has not applied:
 /// plans one batch from the journal (renames as renames, changed ranges,
@@ -27,6 +57,235 @@ pub fn push(
     opts: &PushOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<PushReport, PushError> {
-    let _ = (journal, source, replica, opts, progress);
-    Err(PushError::Other("push is being written".into()))
+    let started = Instant::now();
+    let apply_err = |source| PushError::Apply {
+        replica: replica.to_path_buf(),
+        source,
+    };
+    let journal_id = journal.journal_id()?;
+    let applied = apply::read_applied(replica).map_err(apply_err)?;
+    if let Some(a) = applied
+        && a.source_id != journal_id
+    {
+        return Err(PushError::Other(format!(
+            "{} is a replica of another source (journal {}), not of {}",
+            replica.display(),
+            hex(&a.source_id),
+            source.display()
+        )));
+    }
+    let from = Seq(applied.map_or(0, |a| a.seq));
+    let to = journal.barrier()?;
+    let mut report = PushReport {
+        from_seq: from.0,
+        to_seq: to.0,
+        dry_run: opts.dry_run,
+        ..PushReport::default()
+    };
+    if from == to {
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+
+    let pending = journal.pending(from, to)?;
+    let changes = Changeset::compute(&pending.before, &pending.records);
+    if changes.is_empty() {
+        // Only records that change nothing on a replica (a push's own
+        // bookkeeping, mount starts and stops): nothing to apply. The
+        // replica keeps its sequence number; the next push starts there.
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+    let mut after = pending.before.clone();
+    for r in &pending.records {
+        after.apply(r);
+    }
+    let steps = changes
+        .namespace_plan(&pending.before, &after)
+        .map_err(|e| PushError::Other(format!("planning the namespace changes: {e}")))?;
+    let cache = load_cache(journal, &changes, &steps)?;
+
+    let header = BatchHeader {
+        source_id: journal_id,
+        replica_id: ANY_REPLICA,
+        from_seq: from.0,
+        to_seq: to.0,
+        expected_state: [0; 32],
+        created_unix_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64),
+        // Streamed: the counts are known at the trailer only.
+        op_count: u64::MAX,
+        content_bytes: u64::MAX,
+    };
+    let src = Source::new(source);
+    let mut whole: HashSet<FileId> = HashSet::new();
+    let (written, bytes, applied) = loop {
+        let plan = Plan {
+            journal,
+            source: &src,
+            changes: &changes,
+            steps: &steps,
+            after: &after,
+            cache: &cache,
+            whole: &whole,
+            live: !opts.dry_run,
+            compress: false,
+        };
+        let attempt = if opts.dry_run {
+            dry_run(&plan, header.clone(), progress).map(|(w, b)| (w, b, None))
+        } else {
+            apply_streamed(&plan, header.clone(), replica, progress)
+                .map(|(w, b, a)| (w, b, Some(a)))
+        };
+        match attempt {
+            Ok(done) => break done,
+            Err(Attempt::Mismatch { file, written }) if whole.insert(file) => {
+                // The replica's copy is not what the journal thinks: send it whole.
+                report.repaired_files += 1;
+                tracing::warn!(%file, "replica copy changed behind ferry's back; sending it whole");
+                drop(written);
+            }
+            Err(Attempt::Mismatch { file, .. }) => {
+                return Err(PushError::Other(format!(
+                    "file {file} does not match on the replica even when sent whole"
+                )));
+            }
+            Err(Attempt::Failed(e)) => return Err(e),
+        }
+    };
+    report.files_created = written.files_created;
+    report.files_removed = written.files_removed;
+    report.renames = written.renames;
+    report.content_bytes_read = written.content_bytes_read;
+    report.delta_files = written.delta_files;
+    report.full_files = written.full_files;
+    report.range_files = written.range_files;
+    report.bytes_sent = bytes;
+    if let Some(a) = applied {
+        report.ops = a.ops;
+        report.commit_window_us = a.commit_window_us;
+        report.warnings = a.warnings;
+        journal.acknowledge(&replica.to_string_lossy(), to, &written.cache)?;
+        journal.remember(after);
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The cache entries of every file whose content the batch may carry, and
+/// of the files new files replace (their delta basis).
+fn load_cache(
+    journal: &Journal,
+    changes: &Changeset,
+    steps: &[NsStep],
+) -> Result<HashMap<FileId, ReplicaCopy>, PushError> {
+    let replaced = steps.iter().filter_map(|s| match s {
+        NsStep::Create { replaced, .. } => *replaced,
+        _ => None,
+    });
+    let ids: Vec<FileId> = changes.files.keys().copied().chain(replaced).collect();
+    Ok(journal
+        .cached(ids.into_iter())?
+        .into_iter()
+        .filter_map(|(id, b)| Some((id, ReplicaCopy::decode(&b)?)))
+        .collect())
+}
+
+/// Why one attempt at a batch did not go through.
+enum Attempt {
+    /// The replica's copy of `file` did not match the batch's base.
+    Mismatch {
+        file: FileId,
+        written: Written,
+    },
+    Failed(PushError),
+}
+
+impl From<PushError> for Attempt {
+    fn from(e: PushError) -> Attempt {
+        Attempt::Failed(e)
+    }
+}
+
+/// Counts what the batch would be, writing it nowhere.
+fn dry_run(
+    plan: &Plan<'_>,
+    header: BatchHeader,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Written, u64), Attempt> {
+    let mut out = BatchWriter::new(io::sink(), header).map_err(batch_err)?;
+    let written = plan.write(&mut out, progress)?;
+    let (_, summary) = out.finish().map_err(batch_err)?;
+    Ok((written, summary.bytes))
+}
+
+fn batch_err(e: crate::batch::BatchError) -> PushError {
+    PushError::Other(format!("writing the batch: {e}"))
+}
+
+/// Writes the batch into a pipe that the applier, on its own thread, reads.
+fn apply_streamed(
+    plan: &Plan<'_>,
+    header: BatchHeader,
+    replica: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Written, u64, ApplyReport), Attempt> {
+    let (reader, writer) = io::pipe().map_err(|e| PushError::Other(format!("pipe: {e}")))?;
+    std::thread::scope(|scope| {
+        let applier = scope.spawn(move || {
+            apply::apply(
+                replica,
+                BufReader::with_capacity(PIPE_BUFFER, reader),
+                &ApplyOptions::default(),
+            )
+        });
+        let wrote = write_batch(
+            plan,
+            header,
+            BufWriter::with_capacity(PIPE_BUFFER, writer),
+            progress,
+        );
+        // The pipe's write end is closed by now (dropped with the writer),
+        // so the applier sees the end of the batch whatever happened.
+        let applied = applier
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        match (wrote, applied) {
+            (Ok((written, bytes)), Ok(report)) => Ok((written, bytes, report)),
+            (Ok((written, _)), Err(ApplyError::BaseMismatch { index, .. })) => {
+                match written.owners.iter().find(|(i, _)| *i == index) {
+                    Some((_, file)) => Err(Attempt::Mismatch {
+                        file: *file,
+                        written,
+                    }),
+                    None => Err(Attempt::Failed(PushError::Other(format!(
+                        "the replica refused op {index} as a base mismatch, but it carries no content"
+                    )))),
+                }
+            }
+            // The applier stopped first (the writer then met a closed pipe).
+            (_, Err(e)) => Err(Attempt::Failed(PushError::Apply {
+                replica: replica.to_path_buf(),
+                source: e,
+            })),
+            (Err(e), Ok(_)) => Err(e),
+        }
+    })
+}
+
+fn write_batch<W: Write>(
+    plan: &Plan<'_>,
+    header: BatchHeader,
+    w: W,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Written, u64), Attempt> {
+    let mut out = BatchWriter::new(w, header).map_err(batch_err)?;
+    let written = plan.write(&mut out, progress)?;
+    let (_, summary) = out.finish().map_err(batch_err)?;
+    Ok((written, summary.bytes))
 }

@@ -1,0 +1,862 @@
+//! Turning a changeset into batch operations, reading from the source what
+//! they carry.
+//!
+//! Order of the batch: the namespace steps (the changeset's plan, in which
+//! every step is valid when it runs; new files carry their content where
+//! they are created), then content changes of files that existed, then
+//! metadata (owner before mode, since chown clears set-ID bits; times last,
+//! and the applier sets every time again at the end of its commit).
+//!
+//! How a file's content goes (the cheapest that is exact):
+//! - in-place writes of a file the replica holds a tree of: the 16 KiB
+//!   leaves the writes touched, whole, in one `WriteRanges` whose base and
+//!   result hashes come from the cached tree updated with those leaves;
+//!   nothing else of the file is read. Whole leaves, so that a write made
+//!   after the barrier to another part of a sent leaf cannot make the
+//!   replica's leaf differ from the tree: what is sent is what is hashed.
+//! - a file rewritten wholesale, or a new file that took the name of a file
+//!   the replica holds (the editor save): a delta against the cached
+//!   signature of that file, unless it would be mostly literal;
+//! - otherwise the whole content (sparse files as extents); an existing file
+//!   is then unlinked and created again with its links and all its metadata.
+//!
+//! A file is read under [`Journal::freeze`] (live pushes): changes through
+//! the mount to that file wait until it is read, so a read never sees half
+//! a write, and every change recorded up to the barrier is in what is read.
+//! Then the file is taken clean ([`journal::Frozen::settle`]).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{File, Metadata};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use journal::{Changeset, ContentChange, FileChange, FileId, FileKind, Journal, Namespace, NsStep};
+
+use super::cache::{ReplicaCopy, SignatureBuilder, cached_size};
+use super::report::{Progress, PushError};
+use super::source::{Source, data_extents};
+use crate::batch::{
+    BatchWriter, Chunk, Content, Extent, Hash, NodeKind, Op, RelPath, Timestamp, WriteRange,
+    limits::{MAX_CHUNK_LEN, delta_output_limit},
+};
+use crate::tree::{ContentTree, LEAF, leaf_count, leaf_span, leaves_of};
+
+/// New files up to this size go in one `CreateFile`; larger ones are
+/// streamed in pieces.
+const INLINE_MAX: u64 = 4 << 20;
+/// Piece size for streamed files and for hashing them (a multiple of the
+/// leaf and of the signature block).
+const PIECE: u64 = 4 << 20;
+/// Largest file read into memory to compute a delta.
+const MAX_DIFF_INPUT: u64 = 1 << 30;
+/// A delta is used when it is at most this fraction of the content.
+const DELTA_WORTH: u64 = 2;
+
+/// What the planner works from.
+pub(super) struct Plan<'a> {
+    pub journal: &'a Journal,
+    pub source: &'a Source,
+    pub changes: &'a Changeset,
+    pub steps: &'a [NsStep],
+    pub after: &'a Namespace,
+    /// What the replica holds of each file, for the files the batch touches.
+    pub cache: &'a HashMap<FileId, ReplicaCopy>,
+    /// Files to send with full content whatever the journal says (the
+    /// replica's copy did not match its base).
+    pub whole: &'a HashSet<FileId>,
+    /// Freeze files while reading them and take them clean afterwards;
+    /// false for a dry run, which changes nothing.
+    pub live: bool,
+    /// zstd-compress content where it pays (for transports that carry it).
+    pub compress: bool,
+}
+
+/// What writing the batch did.
+#[derive(Debug, Default)]
+pub(super) struct Written {
+    pub files_created: u64,
+    pub files_removed: u64,
+    pub renames: u64,
+    pub content_bytes_read: u64,
+    pub delta_files: u64,
+    pub full_files: u64,
+    pub range_files: u64,
+    /// The cache entries the journal keeps once the replica acknowledges.
+    pub cache: Vec<(FileId, Option<Vec<u8>>)>,
+    /// The file each content operation is about, by operation number.
+    pub owners: Vec<(u64, FileId)>,
+}
+
+/// How a file's content went.
+enum Sent {
+    Full,
+    Delta,
+    Ranges,
+}
+
+fn rel(p: &Path) -> Result<RelPath, PushError> {
+    RelPath::from_components(p.components().map(|c| c.as_os_str().as_bytes().to_vec()))
+        .map_err(|e| PushError::Other(format!("path {}: {e}", p.display())))
+}
+
+fn time(sec: i64, nsec: i64) -> Timestamp {
+    Timestamp {
+        sec,
+        nsec: nsec.clamp(0, 999_999_999) as u32,
+    }
+}
+
+fn perm(md: &Metadata) -> u32 {
+    md.mode() & 0o7777
+}
+
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    // Past the end (the file shrank under a read that did not freeze it)
+    // reads as zeros, like a hole.
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64)? {
+            0 => {
+                buf[done..].fill(0);
+                break;
+            }
+            n => done += n,
+        }
+    }
+    Ok(())
+}
+
+/// A regular file opened for a batch, with what was read of it.
+struct Reading<'f> {
+    file: &'f File,
+    size: u64,
+    read: u64,
+}
+
+impl Reading<'_> {
+    fn at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read += buf.len() as u64;
+        read_at(self.file, buf, offset)
+    }
+
+    fn all(&mut self) -> io::Result<Vec<u8>> {
+        let mut data = vec![0u8; self.size as usize];
+        self.at(&mut data, 0)?;
+        Ok(data)
+    }
+
+    /// The tree and (if the file is cached) the signature, one pass.
+    fn summarize(&mut self) -> io::Result<(ContentTree, Option<Vec<u8>>)> {
+        let mut sig = cached_size(self.size).then(SignatureBuilder::new);
+        let mut piece = Vec::new();
+        let mut piece_at = u64::MAX;
+        let size = self.size;
+        let mut pieces_read = 0u64;
+        let file = self.file;
+        let tree = ContentTree::build(size, |i, buf| {
+            let (start, len) = leaf_span(i, size);
+            let at = start - start % PIECE;
+            if at != piece_at {
+                let n = (size - at).min(PIECE) as usize;
+                piece.resize(n, 0);
+                read_at(file, &mut piece, at)?;
+                pieces_read += n as u64;
+                piece_at = at;
+                if let Some(s) = &mut sig {
+                    s.add(&piece);
+                }
+            }
+            let off = (start - at) as usize;
+            buf.copy_from_slice(&piece[off..off + len]);
+            Ok(())
+        })?;
+        self.read += pieces_read;
+        Ok((tree, sig.map(SignatureBuilder::finish)))
+    }
+}
+
+impl Plan<'_> {
+    /// Writes every operation of the batch to `out`.
+    pub fn write<W: Write>(
+        &self,
+        out: &mut BatchWriter<W>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Written, PushError> {
+        let mut w = Writing {
+            plan: self,
+            out,
+            done: Written::default(),
+            progress: Progress::default(),
+            report: progress,
+            touched_parents: BTreeSet::new(),
+            full_metadata: HashSet::new(),
+        };
+        w.count_content()?;
+        if self.changes.from == journal::Seq(0) {
+            // A replica's first batch: the root exists on both sides, and
+            // all of its metadata goes.
+            w.full_metadata.insert(FileId::ROOT);
+            w.touched_parents.insert(FileId::ROOT);
+        }
+        for step in self.steps {
+            w.step(step)?;
+        }
+        for (id, change) in &self.changes.files {
+            if change.existed_before && change.exists_after && change.kind == FileKind::File {
+                let changed = change.content != ContentChange::Unchanged;
+                if changed || self.whole.contains(id) {
+                    w.update(*id, change)?;
+                }
+            }
+        }
+        // Directories the batch changes beyond what the changeset says get
+        // their times again.
+        let parents = std::mem::take(&mut w.touched_parents);
+        for (id, change) in &self.changes.files {
+            if change.exists_after {
+                let full = change.created() || w.full_metadata.contains(id);
+                w.metadata(*id, full, Some(change), parents.contains(id))?;
+            }
+        }
+        for p in parents {
+            if !self.changes.files.get(&p).is_some_and(|c| c.exists_after) {
+                let full = w.full_metadata.contains(&p);
+                w.metadata(p, full, None, true)?;
+            }
+        }
+        w.done.files_removed = self.changes.files.values().filter(|c| c.removed()).count() as u64;
+        Ok(w.done)
+    }
+}
+
+struct Writing<'p, 'o, W: Write> {
+    plan: &'p Plan<'p>,
+    out: &'o mut BatchWriter<W>,
+    done: Written,
+    progress: Progress,
+    report: &'o mut dyn FnMut(Progress),
+    /// Directories whose entries the replica changes beyond what the
+    /// changeset says (a file installed anew by rename): their times are
+    /// set again from the source.
+    touched_parents: BTreeSet<FileId>,
+    /// Existing files sent anew: all their metadata goes too.
+    full_metadata: HashSet<FileId>,
+}
+
+impl<W: Write> Writing<'_, '_, W> {
+    fn push(&mut self, op: &Op) -> Result<(), PushError> {
+        self.out
+            .push(op)
+            .map_err(|e| PushError::Other(format!("writing the batch: {e}")))
+    }
+
+    /// Notes that the next operation carries the content of `id`.
+    fn owns_next(&mut self, id: FileId) {
+        self.done.owners.push((self.out.ops_written() + 1, id));
+    }
+
+    fn source_err(&self, rel: &Path) -> impl Fn(io::Error) -> PushError + '_ {
+        let path = self.plan.source.path(rel);
+        move |source| PushError::Source {
+            path: path.clone(),
+            source,
+        }
+    }
+
+    /// Totals for the progress bar: the files whose content goes and their
+    /// sizes now.
+    fn count_content(&mut self) -> Result<(), PushError> {
+        for (id, c) in &self.plan.changes.files {
+            let content = c.created()
+                || c.content != ContentChange::Unchanged
+                || self.plan.whole.contains(id);
+            if !(c.exists_after && c.kind == FileKind::File && content) {
+                continue;
+            }
+            if let Some((path, key)) = self.plan.journal.locate(*id) {
+                let md = self
+                    .plan
+                    .source
+                    .stat(&path, key)
+                    .map_err(self.source_err(&path))?;
+                self.progress.files_total += 1;
+                self.progress.bytes_total += md.map_or(0, |m| m.len());
+            }
+        }
+        (self.report)(self.progress);
+        Ok(())
+    }
+
+    fn file_done(&mut self, bytes: u64) {
+        self.progress.files_done += 1;
+        self.progress.bytes_done += bytes;
+        (self.report)(self.progress);
+    }
+
+    fn step(&mut self, step: &NsStep) -> Result<(), PushError> {
+        match step {
+            NsStep::Create {
+                id,
+                kind,
+                path,
+                replaced,
+            } => {
+                self.done.files_created += 1;
+                self.create(*id, *kind, &rel(path)?, *replaced)
+            }
+            NsStep::Link { existing, new, .. } => self.push(&Op::Link {
+                existing: rel(existing)?,
+                new: rel(new)?,
+            }),
+            NsStep::Rename { from, to, .. } => {
+                self.done.renames += 1;
+                self.push(&Op::Rename {
+                    from: rel(from)?,
+                    to: rel(to)?,
+                    exchange: false,
+                })
+            }
+            NsStep::Unlink { path, .. } => self.push(&Op::Unlink { path: rel(path)? }),
+            NsStep::Rmdir { path, .. } => self.push(&Op::Rmdir { path: rel(path)? }),
+        }
+    }
+
+    /// A new entry at `path`. Content and mode are read from the file as it
+    /// is now (wherever it is now); the rest of its metadata comes later.
+    fn create(
+        &mut self,
+        id: FileId,
+        kind: FileKind,
+        path: &RelPath,
+        replaced: Option<FileId>,
+    ) -> Result<(), PushError> {
+        let located = self.plan.journal.locate(id);
+        let md = match &located {
+            Some((src, key)) => self
+                .plan
+                .source
+                .stat(src, *key)
+                .map_err(self.source_err(src))?,
+            None => None,
+        };
+        let mode = md.as_ref().map_or(0o700, perm);
+        let op = match kind {
+            FileKind::File => return self.create_file(id, path, replaced),
+            FileKind::Dir => Op::Mkdir {
+                path: path.clone(),
+                mode,
+            },
+            FileKind::Symlink => {
+                let target = match (&located, &md) {
+                    (Some((src, _)), Some(_)) => self
+                        .plan
+                        .source
+                        .read_link(src)
+                        .map_err(self.source_err(src))?,
+                    // Gone since the barrier: the next push removes it.
+                    _ => b".".to_vec(),
+                };
+                Op::Symlink {
+                    path: path.clone(),
+                    target,
+                }
+            }
+            FileKind::Fifo | FileKind::Socket | FileKind::CharDevice | FileKind::BlockDevice => {
+                let kind = match kind {
+                    FileKind::Fifo => NodeKind::Fifo,
+                    FileKind::Socket => NodeKind::Socket,
+                    FileKind::CharDevice => NodeKind::Char,
+                    _ => NodeKind::Block,
+                };
+                let rdev = match (kind, &md) {
+                    (NodeKind::Char | NodeKind::Block, Some(m)) => m.rdev(),
+                    _ => 0,
+                };
+                Op::Mknod {
+                    path: path.clone(),
+                    kind,
+                    mode,
+                    rdev,
+                }
+            }
+        };
+        self.push(&op)
+    }
+
+    /// Opens the file `id` as it is now, under a freeze when live, and runs
+    /// `f` on it; `None` when it is not the file the journal knows any more
+    /// (then, if it still exists, the next push sends it again).
+    fn with_file<T>(
+        &mut self,
+        id: FileId,
+        f: impl FnOnce(&mut Self, &mut Reading<'_>, &Metadata) -> Result<T, PushError>,
+    ) -> Result<Option<T>, PushError> {
+        let Some((src, key)) = self.plan.journal.locate(id) else {
+            return Ok(None);
+        };
+        let frozen = if self.plan.live {
+            self.plan.journal.freeze(id)
+        } else {
+            None
+        };
+        let opened = self
+            .plan
+            .source
+            .open(&src, key)
+            .map_err(self.source_err(&src))?;
+        let Some((file, md)) = opened else {
+            drop(frozen);
+            if self.plan.live {
+                self.plan.journal.resend(id);
+            }
+            return Ok(None);
+        };
+        let mut reading = Reading {
+            file: &file,
+            size: md.len(),
+            read: 0,
+        };
+        let result = f(self, &mut reading, &md);
+        self.done.content_bytes_read += reading.read;
+        if result.is_ok()
+            && let Some(frozen) = frozen
+        {
+            frozen.settle();
+        }
+        self.file_done(md.len());
+        result.map(Some)
+    }
+
+    fn create_file(
+        &mut self,
+        id: FileId,
+        path: &RelPath,
+        replaced: Option<FileId>,
+    ) -> Result<(), PushError> {
+        let basis = replaced
+            .filter(|_| !self.plan.whole.contains(&id))
+            .and_then(|old| self.plan.cache.get(&old));
+        let sent = self.with_file(id, |w, r, md| match basis {
+            Some(copy) => w.delta(id, path, r, md, copy, true),
+            None => w.full(id, path, r, md).map(|()| Sent::Full),
+        })?;
+        match sent {
+            Some(Sent::Delta) => self.done.delta_files += 1,
+            Some(_) => self.done.full_files += 1,
+            // Gone since the barrier: an empty file holds its place until
+            // the next push removes it.
+            None => {
+                self.owns_next(id);
+                self.push(&Op::CreateFile {
+                    path: path.clone(),
+                    mode: 0o600,
+                    content: Content::Raw(Vec::new()),
+                    result: Hash::of(&[]),
+                })?;
+                self.done.cache.push((id, None));
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole content of a new file at `path`.
+    fn full(
+        &mut self,
+        id: FileId,
+        path: &RelPath,
+        r: &mut Reading<'_>,
+        md: &Metadata,
+    ) -> Result<(), PushError> {
+        let src_err = |e| PushError::Other(format!("reading {path} from the source: {e}"));
+        let extents = data_extents(r.file, r.size).map_err(src_err)?;
+        let sparse = extents.iter().map(|e| e.1).sum::<u64>() < r.size;
+        let (tree, signature) = if r.size <= INLINE_MAX {
+            let data = r.all().map_err(src_err)?;
+            let tree = ContentTree::of_bytes(&data);
+            let signature = cached_size(r.size).then(|| {
+                let mut s = SignatureBuilder::new();
+                s.add(&data);
+                s.finish()
+            });
+            let content = if sparse {
+                Content::Sparse {
+                    size: r.size,
+                    extents: extents
+                        .iter()
+                        .map(|(off, len)| Extent {
+                            offset: *off,
+                            data: self.chunk(&data[*off as usize..(off + len) as usize]),
+                        })
+                        .collect(),
+                }
+            } else if self.plan.compress {
+                Content::compress_if_it_pays(&data)
+            } else {
+                Content::Raw(data)
+            };
+            self.owns_next(id);
+            self.push(&Op::CreateFile {
+                path: path.clone(),
+                mode: perm(md),
+                content,
+                result: tree.root(),
+            })?;
+            (tree, signature)
+        } else {
+            let (tree, signature) = r.summarize().map_err(src_err)?;
+            self.owns_next(id);
+            self.push(&Op::BeginFile {
+                path: path.clone(),
+                mode: perm(md),
+                size: r.size,
+                result: tree.root(),
+            })?;
+            let mut buf = Vec::new();
+            for (start, len) in extents {
+                let mut at = start;
+                while at < start + len {
+                    let n = (start + len - at).min(PIECE);
+                    buf.resize(n as usize, 0);
+                    r.at(&mut buf, at).map_err(src_err)?;
+                    let data = self.chunk(&buf);
+                    self.push(&Op::FileData { offset: at, data })?;
+                    at += n;
+                }
+            }
+            self.push(&Op::EndFile)?;
+            (tree, signature.filter(|_| r.size <= MAX_DIFF_INPUT))
+        };
+        self.remember(id, tree, signature);
+        Ok(())
+    }
+
+    fn chunk(&self, data: &[u8]) -> Chunk {
+        if self.plan.compress {
+            Chunk::compress_if_it_pays(data)
+        } else {
+            Chunk::Raw(data.to_vec())
+        }
+    }
+
+    fn remember(&mut self, id: FileId, tree: ContentTree, signature: Option<Vec<u8>>) {
+        let entry = cached_size(tree.size()).then(|| ReplicaCopy { tree, signature }.encode());
+        self.done.cache.push((id, entry));
+    }
+
+    /// A delta against `copy` (what the replica holds: at `path` itself, or
+    /// for a new file, in the file it replaces there), or the whole content
+    /// when no usable delta can be made.
+    fn delta(
+        &mut self,
+        id: FileId,
+        path: &RelPath,
+        r: &mut Reading<'_>,
+        md: &Metadata,
+        copy: &ReplicaCopy,
+        new_file: bool,
+    ) -> Result<Sent, PushError> {
+        let src_err = |e| PushError::Other(format!("reading {path} from the source: {e}"));
+        // A delta's result is written whole: a sparse file goes as extents.
+        let sparse = data_extents(r.file, r.size)
+            .map_err(src_err)?
+            .iter()
+            .map(|e| e.1)
+            .sum::<u64>()
+            < r.size;
+        let signature = copy
+            .usable_signature()
+            .filter(|_| r.size <= MAX_DIFF_INPUT && !sparse);
+        let Some(signature) = signature else {
+            return self.anew(id, path, r, md, new_file);
+        };
+        let data = r.all().map_err(src_err)?;
+        let mut delta = Vec::new();
+        fast_rsync::diff(&signature.index(), &data, &mut delta)
+            .map_err(|e| PushError::Other(format!("computing the delta of {path}: {e}")))?;
+        if delta.len() as u64 > (data.len() as u64 / DELTA_WORTH).max(1024)
+            || delta.len() as u64 > MAX_CHUNK_LEN
+            || r.size > delta_output_limit(copy.tree.size(), delta.len() as u64)
+        {
+            // Mostly literal: the whole content costs no more.
+            return self.anew(id, path, r, md, new_file);
+        }
+        let tree = ContentTree::of_bytes(&data);
+        let mut signature = SignatureBuilder::new();
+        signature.add(&data);
+        self.owns_next(id);
+        let op = if new_file {
+            Op::CreateFromDelta {
+                path: path.clone(),
+                basis: path.clone(),
+                base: copy.tree.root(),
+                delta,
+                mode: perm(md),
+                result: tree.root(),
+            }
+        } else {
+            Op::Delta {
+                path: path.clone(),
+                base: copy.tree.root(),
+                delta,
+                result: tree.root(),
+            }
+        };
+        self.push(&op)?;
+        self.remember(id, tree, Some(signature.finish()));
+        Ok(Sent::Delta)
+    }
+
+    /// The whole content, for a file that is new at `path` or (not
+    /// `new_file`) replaces the replica's copy.
+    fn anew(
+        &mut self,
+        id: FileId,
+        path: &RelPath,
+        r: &mut Reading<'_>,
+        md: &Metadata,
+        new_file: bool,
+    ) -> Result<Sent, PushError> {
+        if !new_file {
+            self.unlink_everywhere(id)?;
+        }
+        self.full(id, path, r, md)?;
+        if !new_file {
+            self.relink(id, path)?;
+        }
+        Ok(Sent::Full)
+    }
+
+    /// Removes every name the file has at the end of the batch, so that it
+    /// can be created again with new content.
+    fn unlink_everywhere(&mut self, id: FileId) -> Result<(), PushError> {
+        for (parent, name) in self.plan.after.names(id).to_vec() {
+            let p = self
+                .plan
+                .after
+                .edge_path(parent, &name)
+                .ok_or_else(|| PushError::Other(format!("file {id} has no path")))?;
+            self.push(&Op::Unlink { path: rel(&p)? })?;
+            self.touched_parents.insert(parent);
+        }
+        self.full_metadata.insert(id);
+        Ok(())
+    }
+
+    /// Gives the file created again at `first` its other names.
+    fn relink(&mut self, id: FileId, first: &RelPath) -> Result<(), PushError> {
+        for (parent, name) in self.plan.after.names(id).to_vec() {
+            let p = rel(&self
+                .plan
+                .after
+                .edge_path(parent, &name)
+                .ok_or_else(|| PushError::Other(format!("file {id} has no path")))?)?;
+            if p != *first {
+                self.push(&Op::Link {
+                    existing: first.clone(),
+                    new: p,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// New content for a file the replica holds.
+    fn update(&mut self, id: FileId, change: &FileChange) -> Result<(), PushError> {
+        let path = self
+            .plan
+            .after
+            .path_of(id)
+            .ok_or_else(|| PushError::Other(format!("file {id} has no path at the end")))?;
+        let path = rel(&path)?;
+        let copy = self
+            .plan
+            .cache
+            .get(&id)
+            .filter(|_| !self.plan.whole.contains(&id));
+        let sent = self.with_file(id, |w, r, md| {
+            let Some(copy) = copy else {
+                return w.anew(id, &path, r, md, false);
+            };
+            if let ContentChange::Ranges {
+                ranges,
+                truncated_to: None,
+            } = &change.content
+                && let Some(sent) = w.ranges(id, &path, r, copy, ranges)?
+            {
+                return Ok(sent);
+            }
+            w.delta(id, &path, r, md, copy, false)
+        })?;
+        match sent {
+            Some(Sent::Full) => self.done.full_files += 1,
+            Some(Sent::Delta) => {
+                self.done.delta_files += 1;
+                // Installed by rename: the directory's time moves.
+                for (parent, _) in self.plan.after.names(id) {
+                    self.touched_parents.insert(*parent);
+                }
+            }
+            Some(Sent::Ranges) => self.done.range_files += 1,
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The leaves the ranges touched, as one `WriteRanges`; `None` when
+    /// that does not fit (the file shrank, or grew by more than it is
+    /// worth, or the leaves exceed one operation).
+    fn ranges(
+        &mut self,
+        id: FileId,
+        path: &RelPath,
+        r: &mut Reading<'_>,
+        copy: &ReplicaCopy,
+        ranges: &[journal::ByteRange],
+    ) -> Result<Option<Sent>, PushError> {
+        let (old, size) = (copy.tree.size(), r.size);
+        if size < old {
+            return Ok(None);
+        }
+        let mut leaves: BTreeSet<u64> = ranges
+            .iter()
+            .flat_map(|b| leaves_of(b.offset, b.len, size))
+            .collect();
+        // Leaves a change of size alters, as `ContentTree::updated` rereads them.
+        if size != old {
+            leaves.extend(old / LEAF..leaf_count(size));
+        }
+        if leaf_count(size) == 1 {
+            leaves.insert(0);
+        }
+        if leaves.is_empty() {
+            // Marked changed, no byte written (an empty write).
+            return Ok(Some(Sent::Ranges));
+        }
+        let bytes: u64 = leaves.iter().map(|i| leaf_span(*i, size).1 as u64).sum();
+        if bytes > MAX_CHUNK_LEN || bytes > size / 2 {
+            return Ok(None);
+        }
+        let src_err = |e| PushError::Other(format!("reading {path} from the source: {e}"));
+        let mut writes: Vec<WriteRange> = Vec::new();
+        for i in &leaves {
+            let (start, len) = leaf_span(*i, size);
+            let mut buf = vec![0u8; len];
+            r.at(&mut buf, start).map_err(src_err)?;
+            match writes.last_mut() {
+                Some(w) if w.offset + w.data.len() as u64 == start => w.data.extend(buf),
+                _ => writes.push(WriteRange {
+                    offset: start,
+                    data: buf,
+                }),
+            }
+        }
+        let tree = copy
+            .tree
+            .updated(size, &leaves, |i, buf| {
+                let (start, _) = leaf_span(i, size);
+                let w = writes
+                    .iter()
+                    .find(|w| w.offset <= start && start < w.offset + w.data.len() as u64)
+                    .expect("every reread leaf was read");
+                let off = (start - w.offset) as usize;
+                buf.copy_from_slice(&w.data[off..off + buf.len()]);
+                Ok(())
+            })
+            .map_err(src_err)?;
+        let signature = copy.patched_signature(size, &writes);
+        self.owns_next(id);
+        self.push(&Op::WriteRanges {
+            path: path.clone(),
+            ranges: writes,
+            base: copy.tree.root(),
+            result: tree.root(),
+        })?;
+        self.remember(id, tree, signature);
+        Ok(Some(Sent::Ranges))
+    }
+
+    /// Metadata of `id` at its path at the end of the batch: all of it when
+    /// `full`, else what `change` says changed, and its times when `times`.
+    fn metadata(
+        &mut self,
+        id: FileId,
+        full: bool,
+        change: Option<&FileChange>,
+        times: bool,
+    ) -> Result<(), PushError> {
+        let Some((src, key)) = self.plan.journal.locate(id) else {
+            return Ok(()); // gone since the barrier: the next push removes it
+        };
+        let Some(md) = self
+            .plan
+            .source
+            .stat(&src, key)
+            .map_err(self.source_err(&src))?
+        else {
+            return Ok(());
+        };
+        let Some(path) = self.plan.after.path_of(id) else {
+            return Ok(());
+        };
+        let path = rel(&path)?;
+        let m = change.map(|c| &c.metadata);
+        let symlink = md.file_type().is_symlink();
+        if full || m.is_some_and(|m| m.owner) {
+            self.push(&Op::Chown {
+                path: path.clone(),
+                uid: md.uid(),
+                gid: md.gid(),
+            })?;
+        }
+        if !symlink && (full || m.is_some_and(|m| m.mode || m.owner)) {
+            self.push(&Op::Chmod {
+                path: path.clone(),
+                mode: perm(&md),
+            })?;
+        }
+        if full {
+            for (name, value) in self
+                .plan
+                .source
+                .xattrs(&src)
+                .map_err(self.source_err(&src))?
+            {
+                self.push(&Op::SetXattr {
+                    path: path.clone(),
+                    name,
+                    value,
+                })?;
+            }
+        } else if let Some(m) = m {
+            for name in &m.xattrs {
+                let value = self
+                    .plan
+                    .source
+                    .xattr(&src, &name.0)
+                    .map_err(self.source_err(&src))?;
+                let op = match value {
+                    Some(value) => Op::SetXattr {
+                        path: path.clone(),
+                        name: name.0.clone(),
+                        value,
+                    },
+                    None => Op::RemoveXattr {
+                        path: path.clone(),
+                        name: name.0.clone(),
+                    },
+                };
+                self.push(&op)?;
+            }
+        }
+        if full || times || m.is_some_and(|m| m.times) {
+            self.push(&Op::Utimes {
+                path,
+                atime: time(md.atime(), md.atime_nsec()),
+                mtime: time(md.mtime(), md.mtime_nsec()),
+            })?;
+        }
+        Ok(())
+    }
+}

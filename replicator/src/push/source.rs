@@ -1,0 +1,138 @@
+//! Reading the source tree for a batch: entries by their path relative to
+//! the source root, checked to be the inode the journal knows (a name may
+//! have been given to another file since the journal's records), never
+//! following a symlink at the last component.
+
+use std::ffi::OsStr;
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use journal::InodeKey;
+
+pub(super) struct Source {
+    root: PathBuf,
+}
+
+fn is_file(md: &Metadata, key: Option<InodeKey>) -> bool {
+    key.is_none_or(|k| k.dev == md.dev() && k.ino == md.ino())
+}
+
+fn absent(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+    )
+}
+
+impl Source {
+    pub fn new(root: &Path) -> Source {
+        Source {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self, rel: &Path) -> PathBuf {
+        if rel.as_os_str().is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(rel)
+        }
+    }
+
+    /// The metadata of `rel` (not following a symlink), if it holds the
+    /// inode `key`; `None` if it is gone or holds another file now.
+    pub fn stat(&self, rel: &Path, key: Option<InodeKey>) -> io::Result<Option<Metadata>> {
+        match std::fs::symlink_metadata(self.path(rel)) {
+            Ok(md) if is_file(&md, key) => Ok(Some(md)),
+            Ok(_) => Ok(None),
+            Err(e) if absent(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The regular file at `rel` opened for reading, if it is the inode
+    /// `key`. Reads do not move its atime (O_NOATIME where permitted).
+    pub fn open(&self, rel: &Path, key: Option<InodeKey>) -> io::Result<Option<(File, Metadata)>> {
+        let path = self.path(rel);
+        let open = |extra: i32| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | extra)
+                .open(&path)
+        };
+        let file = match open(libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+            r => r,
+        };
+        let file = match file {
+            Ok(f) => f,
+            Err(e) if absent(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let md = file.metadata()?;
+        Ok((md.is_file() && is_file(&md, key)).then_some((file, md)))
+    }
+
+    pub fn read_link(&self, rel: &Path) -> io::Result<Vec<u8>> {
+        Ok(std::fs::read_link(self.path(rel))?
+            .into_os_string()
+            .into_encoded_bytes())
+    }
+
+    /// Every extended attribute of `rel` (not following a symlink), by name.
+    pub fn xattrs(&self, rel: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let path = self.path(rel);
+        let mut out = Vec::new();
+        for name in xattr::list(&path)? {
+            if let Some(v) = xattr::get(&path, &name)? {
+                out.push((name.as_bytes().to_vec(), v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One extended attribute of `rel`, `None` if it is not set.
+    pub fn xattr(&self, rel: &Path, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        xattr::get(self.path(rel), OsStr::from_bytes(name))
+    }
+}
+
+/// The data extents of `file` (size `size`) as `(offset, len)`: everything
+/// but its holes.
+pub(super) fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let seek = |off: u64, whence: i32| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            // A filesystem without SEEK_DATA: all data.
+            e if e.raw_os_error() == Some(libc::EINVAL) => Ok(Some(off)),
+            e => Err(e),
+        }
+    };
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= size {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        if end <= start {
+            break;
+        }
+        out.push((start, end - start));
+        at = end;
+    }
+    Ok(out)
+}

@@ -1,0 +1,494 @@
+//! `ferry push`: push what a replica has not applied, through the live
+//! mount's control socket (`ferry push MOUNTPOINT REPLICA_DIR`) or from an
+//! unmounted state directory (`--state DIR --source SOURCE`), and print
+//! the report.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use journal::{Journal, JournalError, OpenOptions};
+use replicator::push::{Progress, PushOptions, PushReport};
+use serde_json::Value;
+
+use crate::cli::PushArgs;
+use crate::control::{self, Handler};
+use crate::{mounts, state_dir};
+
+/// Where a push goes. Parsed in this one place, so that remote forms
+/// (`[user@]host:/path`, `ferry://host:port/name`, a batch directory) can
+/// be added beside the local one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Destination {
+    /// An existing local directory, canonical.
+    Local(PathBuf),
+}
+
+impl Destination {
+    fn parse(arg: &Path) -> anyhow::Result<Destination> {
+        let text = arg.to_string_lossy();
+        if text.starts_with("ferry://") {
+            bail!("{text}: ferry:// destinations are not supported yet; push to a local directory");
+        }
+        let replica = match std::fs::canonicalize(arg) {
+            Ok(path) => path,
+            // A local path wins: only what cannot be one is taken for a
+            // remote destination.
+            Err(_) if looks_remote(&text) => bail!(
+                "{text}: remote destinations ([user@]host:path) are not supported yet; push to a local directory"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "replica directory {} does not exist: create it first",
+                arg.display()
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| format!("replica directory {}", arg.display()));
+            }
+        };
+        if !replica.is_dir() {
+            bail!("replica {} is not a directory", arg.display());
+        }
+        Ok(Destination::Local(replica))
+    }
+}
+
+/// scp's rule: a colon before any slash names a host.
+fn looks_remote(text: &str) -> bool {
+    match text.split_once(':') {
+        Some((host, _)) => !host.is_empty() && !host.contains('/'),
+        None => false,
+    }
+}
+
+pub fn run(args: PushArgs) -> anyhow::Result<()> {
+    let Destination::Local(replica) = Destination::parse(&args.replica)?;
+    // Options the engine adds later keep their defaults here.
+    #[allow(clippy::needless_update)]
+    let options = PushOptions {
+        dry_run: args.dry_run,
+        ..PushOptions::default()
+    };
+    let mut bar = Bar::new(args.progress || (!args.json && std::io::stderr().is_terminal()));
+    let pushed = match (&args.mountpoint, &args.state, &args.source) {
+        (Some(mountpoint), None, None) => {
+            through_mount(mountpoint, &replica, &options, &mut |p| bar.update(p))
+        }
+        (None, Some(state), Some(source)) => {
+            offline(state, source, &replica, &options, &mut |p| bar.update(p))
+                .and_then(|r| serde_json::to_value(&r).context("encoding the report"))
+        }
+        _ => Err(anyhow!(
+            "name a MOUNTPOINT, or an unmounted journal with --state DIR --source SOURCE"
+        )),
+    };
+    bar.finish();
+    let raw = pushed?;
+    let report: PushReport = serde_json::from_value(raw.clone()).with_context(|| {
+        format!("the mount process sent a report this ferry cannot read: {raw}")
+    })?;
+    print_report(&report, &raw, &args)
+}
+
+/// Asks the mount process at `mountpoint` to push.
+fn through_mount(
+    mountpoint: &Path,
+    replica: &Path,
+    options: &PushOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<Value> {
+    let resolved = mounts::resolve(mountpoint)
+        .with_context(|| format!("MOUNTPOINT {}", mountpoint.display()))?;
+    let entry = mounts::at(&resolved)?.ok_or_else(|| {
+        anyhow!(
+            "{} is not mounted (push from an unmounted journal with --state DIR --source SOURCE)",
+            resolved.display()
+        )
+    })?;
+    let state = entry.ferry_state().ok_or_else(|| {
+        anyhow!(
+            "{} is not a ferry mount (it is {} from {})",
+            resolved.display(),
+            entry.fstype,
+            entry.source
+        )
+    })?;
+    let socket = state.join(control::SOCKET_NAME);
+    let stream = control::connect(&socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow!(
+            "the ferry mount at {} does not answer: it has no control socket {} (a mount started by an older ferry, or stopping); remount it, or unmount it and push with --state {} --source SOURCE",
+            resolved.display(),
+            socket.display(),
+            state.display()
+        ),
+        std::io::ErrorKind::ConnectionRefused => anyhow!(
+            "the ferry mount at {} does not answer on {} (its process is gone: run `ferry umount {}`)",
+            resolved.display(),
+            socket.display(),
+            resolved.display()
+        ),
+        _ => anyhow!(e).context(format!(
+            "connecting to the ferry mount at {} ({})",
+            resolved.display(),
+            socket.display()
+        )),
+    })?;
+    control::request_push(stream, replica, options, progress)
+}
+
+/// Opens the unmounted journal in `state` (recovering it if need be),
+/// pushes, and closes it.
+fn offline(
+    state: &Path,
+    source: &Path,
+    replica: &Path,
+    options: &PushOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<PushReport> {
+    let state = state_dir::absolute(state)?;
+    // Opening creates a journal where there is none: refuse instead.
+    if !state.join("journal").is_dir() {
+        bail!(
+            "{} is not a ferry state directory (it holds no journal)",
+            state.display()
+        );
+    }
+    let source =
+        std::fs::canonicalize(source).with_context(|| format!("SOURCE {}", source.display()))?;
+    // Refused before the journal is opened (opening records a session).
+    control::check_replica(replica, &source, None, &state)?;
+    let (journal, recovery) =
+        Journal::open(&state, &source, &OpenOptions::default()).map_err(|e| match e {
+            JournalError::Locked { .. } => in_use(&state, e),
+            e => anyhow!(e).context(format!("opening the journal in {}", state.display())),
+        })?;
+    if recovery.unclean {
+        eprintln!(
+            "ferry: recovered from an unclean stop: replayed {} records, scanned {} entries, recorded {} changes",
+            recovery.replayed, recovery.scanned, recovery.reconciled
+        );
+    }
+    let pusher = control::Pusher::new(journal.clone(), source, None, state.clone());
+    let pushed = pusher.push(replica, options, progress);
+    drop(pusher);
+    let closed = journal
+        .close()
+        .with_context(|| format!("closing the journal in {}", state.display()));
+    let report = pushed?;
+    closed?;
+    Ok(report)
+}
+
+/// The error for a state directory whose journal is locked, naming the
+/// mount that holds it when mountinfo shows one.
+fn in_use(state: &Path, err: JournalError) -> anyhow::Error {
+    let mounted = mounts::all().ok().and_then(|all| {
+        all.into_iter()
+            .rev()
+            .find(|m| m.ferry_state().as_deref() == Some(state))
+    });
+    match mounted {
+        Some(m) => anyhow!(
+            "state directory {} is in use by the ferry mount at {}: push through it with `ferry push {} REPLICA_DIR`",
+            state.display(),
+            m.mountpoint.display(),
+            m.mountpoint.display()
+        ),
+        None => anyhow!(err),
+    }
+}
+
+fn print_report(report: &PushReport, raw: &Value, args: &PushArgs) -> anyhow::Result<()> {
+    let mut text = String::new();
+    if args.json {
+        text = format!("{raw}\n");
+    } else {
+        text += &summary(report);
+        text.push('\n');
+        if args.stats {
+            text += &table(report, raw);
+        }
+        for w in &report.warnings {
+            eprintln!("ferry: warning: {w}");
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        // The push is done; a reader that went away does not undo it.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
+}
+
+/// The one line printed by default.
+fn summary(r: &PushReport) -> String {
+    if r.ops == 0 {
+        return format!(
+            "nothing to push: the replica is up to date at seq {}{}",
+            r.to_seq,
+            if r.dry_run { " (dry run)" } else { "" }
+        );
+    }
+    let mut kinds = vec![
+        format!("{} delta", r.delta_files),
+        format!("{} full", r.full_files),
+    ];
+    if r.range_files > 0 {
+        kinds.push(format!("{} in place", r.range_files));
+    }
+    if r.repaired_files > 0 {
+        kinds.push(format!("{} repaired", r.repaired_files));
+    }
+    format!(
+        "{} seq {}..{}: {} created, {} removed, {} renames, {} files sent ({}), {} sent, commit window {}, {}{}",
+        if r.dry_run { "would push" } else { "pushed" },
+        r.from_seq,
+        r.to_seq,
+        r.files_created,
+        r.files_removed,
+        r.renames,
+        r.delta_files + r.full_files + r.range_files,
+        kinds.join(", "),
+        bytes(r.bytes_sent),
+        micros(r.commit_window_us),
+        millis(r.elapsed_ms),
+        if r.dry_run {
+            " (dry run: nothing applied)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Every figure of the report, one per line; fields this version does not
+/// know are listed at the end as they came.
+fn table(r: &PushReport, raw: &Value) -> String {
+    let rows: Vec<(&str, &str, String)> = vec![
+        ("from_seq", "from seq", r.from_seq.to_string()),
+        ("to_seq", "to seq", r.to_seq.to_string()),
+        ("files_created", "created", r.files_created.to_string()),
+        ("files_removed", "removed", r.files_removed.to_string()),
+        ("renames", "renames", r.renames.to_string()),
+        ("delta_files", "delta files", r.delta_files.to_string()),
+        ("full_files", "full files", r.full_files.to_string()),
+        ("range_files", "in-place files", r.range_files.to_string()),
+        (
+            "repaired_files",
+            "repaired files",
+            r.repaired_files.to_string(),
+        ),
+        ("ops", "operations", r.ops.to_string()),
+        (
+            "content_bytes_read",
+            "content read",
+            exact_bytes(r.content_bytes_read),
+        ),
+        ("bytes_sent", "bytes sent", exact_bytes(r.bytes_sent)),
+        (
+            "commit_window_us",
+            "commit window",
+            micros(r.commit_window_us),
+        ),
+        ("elapsed_ms", "elapsed", millis(r.elapsed_ms)),
+        (
+            "dry_run",
+            "dry run",
+            if r.dry_run { "yes" } else { "no" }.into(),
+        ),
+        ("warnings", "warnings", r.warnings.len().to_string()),
+    ];
+    let mut extra = Vec::new();
+    if let Value::Object(fields) = raw {
+        for (key, value) in fields {
+            if !rows.iter().any(|(k, _, _)| k == key) {
+                extra.push((key.as_str(), key.as_str(), value.to_string()));
+            }
+        }
+    }
+    let all: Vec<_> = rows
+        .iter()
+        .map(|(k, l, v)| (*k, *l, v.as_str()))
+        .chain(extra.iter().map(|(k, l, v)| (*k, *l, v.as_str())))
+        .collect();
+    let width = all.iter().map(|(_, l, _)| l.len()).max().unwrap_or(0) + 1;
+    all.iter()
+        .map(|(_, label, value)| format!("  {:<width$} {value}\n", format!("{label}:")))
+        .collect()
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn exact_bytes(n: u64) -> String {
+    if n < 1024 {
+        bytes(n)
+    } else {
+        format!("{} ({n} bytes)", bytes(n))
+    }
+}
+
+fn micros(us: u64) -> String {
+    if us < 10_000 {
+        format!("{us} us")
+    } else {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    }
+}
+
+fn millis(ms: u64) -> String {
+    if ms < 10_000 {
+        format!("{ms} ms")
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
+/// A progress bar on stderr, redrawn in place with `\r`.
+struct Bar {
+    enabled: bool,
+    last_draw: Option<Instant>,
+    drawn: Option<Progress>,
+    pending: Option<Progress>,
+    width: usize,
+}
+
+impl Bar {
+    const INTERVAL: Duration = Duration::from_millis(100);
+
+    fn new(enabled: bool) -> Bar {
+        Bar {
+            enabled,
+            last_draw: None,
+            drawn: None,
+            pending: None,
+            width: 0,
+        }
+    }
+
+    fn update(&mut self, p: Progress) {
+        if !self.enabled {
+            return;
+        }
+        self.pending = Some(p);
+        if self.last_draw.is_none_or(|t| t.elapsed() >= Self::INTERVAL) {
+            self.draw();
+        }
+    }
+
+    fn draw(&mut self) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let fraction = if p.bytes_total > 0 {
+            p.bytes_done as f64 / p.bytes_total as f64
+        } else if p.files_total > 0 {
+            p.files_done as f64 / p.files_total as f64
+        } else {
+            1.0
+        }
+        .clamp(0.0, 1.0);
+        const CELLS: usize = 24;
+        let full = (fraction * CELLS as f64).round() as usize;
+        let line = format!(
+            "[{}{}] {:>3}%  {}/{} files  {}/{}",
+            "#".repeat(full),
+            "-".repeat(CELLS - full),
+            (fraction * 100.0).floor() as u32,
+            p.files_done,
+            p.files_total,
+            bytes(p.bytes_done),
+            bytes(p.bytes_total),
+        );
+        // Pad over what a longer previous line left behind.
+        let pad = self.width.saturating_sub(line.len());
+        self.width = line.len();
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r{line}{}", " ".repeat(pad));
+        let _ = err.flush();
+        self.last_draw = Some(Instant::now());
+        self.drawn = Some(p);
+    }
+
+    /// Draws the last state and ends the line.
+    fn finish(&mut self) {
+        if !self.enabled {
+            return;
+        }
+        self.draw();
+        if self.drawn.is_some() {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_that_look_remote_are_told_apart_from_local_paths() {
+        assert!(looks_remote("host:/backup"));
+        assert!(looks_remote("user@host:backup"));
+        assert!(!looks_remote("./a:b"));
+        assert!(!looks_remote("/abs/a:b"));
+        assert!(!looks_remote("plain"));
+        assert!(!looks_remote(":x"));
+        let err = Destination::parse(Path::new("nosuchhost-ferry-test:/x")).unwrap_err();
+        assert!(err.to_string().contains("not supported yet"), "{err}");
+        let err = Destination::parse(Path::new("ferry://h:1/n")).unwrap_err();
+        assert!(err.to_string().contains("not supported yet"), "{err}");
+        // An existing directory named like a remote is a local path.
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("host:x");
+        std::fs::create_dir(&local).unwrap();
+        assert_eq!(
+            Destination::parse(&local).unwrap(),
+            Destination::Local(std::fs::canonicalize(&local).unwrap())
+        );
+    }
+
+    #[test]
+    fn the_summary_reads_as_the_issue_shows() {
+        let r = PushReport {
+            from_seq: 12,
+            to_seq: 40,
+            files_created: 3,
+            files_removed: 1,
+            renames: 2,
+            delta_files: 1,
+            full_files: 4,
+            bytes_sent: 12_595,
+            commit_window_us: 850,
+            elapsed_ms: 42,
+            ops: 9,
+            ..PushReport::default()
+        };
+        assert_eq!(
+            summary(&r),
+            "pushed seq 12..40: 3 created, 1 removed, 2 renames, 5 files sent (1 delta, 4 full), 12.3 KiB sent, commit window 850 us, 42 ms"
+        );
+        let raw = serde_json::to_value(&r).unwrap();
+        let t = table(&r, &raw);
+        assert_eq!(t.lines().count(), 16, "{t}");
+        let mut raw = raw;
+        raw["future_field"] = 7.into();
+        let t = table(&r, &raw);
+        let line = t
+            .lines()
+            .find(|l| l.contains("future_field:"))
+            .expect("{t}");
+        assert!(line.ends_with(" 7"), "{t}");
+    }
+}

@@ -1,0 +1,688 @@
+//! The mount process's control socket, through which `ferry push
+//! MOUNTPOINT ...` asks the process that holds the journal to push.
+//!
+//! The socket is `<state dir>/control.sock` (mode 0600, in the 0700 state
+//! directory: root only). A connection carries one request, one JSON line:
+//!
+//! ```text
+//! {"push":{"replica":"/abs/path","options":{"dry_run":false}}}
+//! ```
+//!
+//! and gets back JSON lines: `{"progress":{...}}` zero or more times, then
+//! exactly one `{"done":{...PushReport...}}` or `{"error":"message"}`; then
+//! the server closes the connection. A client that goes away mid-push does
+//! not stop the push: it completes (or fails safely) and its replies are
+//! dropped.
+//!
+//! This module owns the protocol ([`Request`], [`Reply`]), the server (one
+//! thread accepts, one thread per connection), the client, and [`Pusher`]:
+//! a journal with the checks every push makes, used by the server and by
+//! an offline `ferry push --state`.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use journal::Journal;
+use replicator::push::{Progress, PushOptions, PushReport};
+use serde::{Deserialize, Serialize};
+
+/// The socket's name in the state directory.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// A request line may not be longer than this.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a connection may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one reply may wait for a client that does not read; after
+/// that the client is treated as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Progress lines are sent at most this often (plus the last one).
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What a client asks for: one request per connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Push to a local replica directory (an absolute path).
+    Push {
+        replica: PathBuf,
+        #[serde(default)]
+        options: PushOptions,
+    },
+}
+
+/// One line of the answer. `R` is the report: [`PushReport`] on the
+/// server; the client keeps it as a JSON value so that it can print every
+/// field the mount reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply<R> {
+    Progress(Progress),
+    Done(R),
+    Error(String),
+}
+
+/// Does a push for a request: the server's work, behind a trait so that
+/// the protocol is testable without a journal.
+pub trait Handler: Send + Sync + 'static {
+    fn push(
+        &self,
+        replica: &Path,
+        options: &PushOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> anyhow::Result<PushReport>;
+}
+
+/// A journal and the trees a replica must stay out of. Pushes run one at a
+/// time.
+pub struct Pusher {
+    journal: Journal,
+    source: PathBuf,
+    mountpoint: Option<PathBuf>,
+    state: PathBuf,
+    one_at_a_time: Mutex<()>,
+}
+
+impl Pusher {
+    /// `source` and `state` canonical; `mountpoint` when the journal is
+    /// mounted.
+    pub fn new(
+        journal: Journal,
+        source: PathBuf,
+        mountpoint: Option<PathBuf>,
+        state: PathBuf,
+    ) -> Pusher {
+        Pusher {
+            journal,
+            source,
+            mountpoint,
+            state,
+            one_at_a_time: Mutex::new(()),
+        }
+    }
+}
+
+impl Handler for Pusher {
+    fn push(
+        &self,
+        replica: &Path,
+        options: &PushOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> anyhow::Result<PushReport> {
+        let replica = check_replica(
+            replica,
+            &self.source,
+            self.mountpoint.as_deref(),
+            &self.state,
+        )?;
+        // A poisoned lock only means an earlier push panicked; the journal
+        // and the replica protect their own consistency.
+        let _one = self
+            .one_at_a_time
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tracing::info!(replica = %replica.display(), dry_run = options.dry_run, "push");
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            replicator::push::push(&self.journal, &self.source, &replica, options, progress)
+        }));
+        let report = match outcome {
+            Ok(result) => result?,
+            Err(panic) => bail!("the push failed unexpectedly: {}", panic_message(&*panic)),
+        };
+        tracing::info!(?report, "pushed");
+        Ok(report)
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// The canonical replica directory, refused unless it is an existing
+/// directory outside the source, the mountpoint and the state directory.
+pub fn check_replica(
+    replica: &Path,
+    source: &Path,
+    mountpoint: Option<&Path>,
+    state: &Path,
+) -> anyhow::Result<PathBuf> {
+    if !replica.is_absolute() {
+        bail!("replica {} is not an absolute path", replica.display());
+    }
+    let replica = std::fs::canonicalize(replica)
+        .with_context(|| format!("replica directory {}", replica.display()))?;
+    if !replica.is_dir() {
+        bail!("replica {} is not a directory", replica.display());
+    }
+    let mut trees = vec![(source, "SOURCE"), (state, "the state directory")];
+    if let Some(m) = mountpoint {
+        trees.push((m, "MOUNTPOINT"));
+    }
+    check_replica_outside(&replica, &trees)?;
+    Ok(replica)
+}
+
+/// Refuses a replica inside one of `trees` or containing one: it would
+/// replicate into itself (or overwrite the journal).
+pub fn check_replica_outside(replica: &Path, trees: &[(&Path, &str)]) -> anyhow::Result<()> {
+    for (tree, what) in trees {
+        if replica.starts_with(tree) {
+            bail!(
+                "replica {} is inside {what} {}: it would replicate into itself; choose a directory outside it",
+                replica.display(),
+                tree.display()
+            );
+        }
+        if tree.starts_with(replica) {
+            bail!(
+                "replica {} contains {what} {}: it would replicate into itself; choose a directory outside it",
+                replica.display(),
+                tree.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A socket path usable with bind and connect: `sun_path` holds 108 bytes,
+/// so a longer path is reached through `/proc/self/fd/<dir>/` instead (the
+/// descriptor must stay open while the address is used).
+fn socket_address(path: &Path) -> io::Result<(PathBuf, Option<OwnedFd>)> {
+    const SUN_PATH_MAX: usize = 100;
+    if path.as_os_str().len() < SUN_PATH_MAX {
+        return Ok((path.to_path_buf(), None));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok((path.to_path_buf(), None));
+    };
+    let fd = nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let short = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())).join(name);
+    Ok((short, Some(fd)))
+}
+
+/// The listening side, running in the mount process. Dropping it stops it
+/// as [`Server::finish`] does.
+pub struct Server {
+    path: PathBuf,
+    listener: Arc<UnixListener>,
+    closing: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Server {
+    /// Listens on `path` (a stale socket there is removed: the caller holds
+    /// the journal's lock, so no live mount owns it) with mode 0600.
+    pub fn start(path: &Path, handler: Arc<dyn Handler>) -> anyhow::Result<Server> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing the stale {}", path.display()));
+            }
+        }
+        let (address, _dir) =
+            socket_address(path).with_context(|| format!("opening {}", path.display()))?;
+        let listener = UnixListener::bind(&address)
+            .with_context(|| format!("listening on {}", path.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&address, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("chmod 0600 {}", path.display()))?;
+        }
+        let listener = Arc::new(listener);
+        let closing = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let accept = {
+            let (listener, closing, connections) =
+                (listener.clone(), closing.clone(), connections.clone());
+            std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || accept_loop(&listener, &closing, &connections, &handler))
+                .context("starting the control thread")?
+        };
+        Ok(Server {
+            path: path.to_path_buf(),
+            listener,
+            closing,
+            accept: Some(accept),
+            connections,
+        })
+    }
+
+    /// Stops accepting and removes the socket; requests already accepted go
+    /// on.
+    pub fn close(&mut self) {
+        let Some(accept) = self.accept.take() else {
+            return;
+        };
+        self.closing.store(true, Ordering::Release);
+        // shutdown(2) on a listening socket wakes a blocked accept(2).
+        // SAFETY: the listener's descriptor is open (we hold an Arc to it).
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = accept.join();
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Closes, then waits for the requests being served (a running push
+    /// finishes; a client that sends nothing is cut off after a timeout).
+    pub fn finish(mut self) {
+        self.close();
+        self.join_connections();
+    }
+
+    fn join_connections(&mut self) {
+        let running: Vec<_> = std::mem::take(
+            &mut *self
+                .connections
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        if running.iter().any(|h| !h.is_finished()) {
+            tracing::info!("waiting for a running push to finish");
+        }
+        for h in running {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.close();
+        self.join_connections();
+    }
+}
+
+fn accept_loop(
+    listener: &UnixListener,
+    closing: &AtomicBool,
+    connections: &Mutex<Vec<JoinHandle<()>>>,
+    handler: &Arc<dyn Handler>,
+) {
+    loop {
+        let accepted = listener.accept();
+        if closing.load(Ordering::Acquire) {
+            return;
+        }
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Out of descriptors or similar: keep serving, without
+                // spinning.
+                tracing::warn!(error = %e, "control socket: accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        let spawned = std::thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || serve_connection(stream, &*handler));
+        let mut running = connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        running.retain(|h| !h.is_finished());
+        match spawned {
+            Ok(h) => running.push(h),
+            Err(e) => tracing::warn!(error = %e, "control socket: cannot start a thread"),
+        }
+    }
+}
+
+/// Sends reply lines until the client is gone; then drops them.
+struct Replies<'a> {
+    stream: &'a UnixStream,
+    gone: bool,
+    last_progress: Option<Instant>,
+}
+
+impl Replies<'_> {
+    fn send<R: Serialize>(&mut self, reply: &Reply<R>) {
+        if self.gone {
+            return;
+        }
+        let mut line = serde_json::to_vec(reply).expect("replies serialize to JSON");
+        line.push(b'\n');
+        // Rust ignores SIGPIPE: a closed client is an EPIPE error here.
+        if let Err(e) = (&mut &*self.stream).write_all(&line) {
+            tracing::debug!(error = %e, "control client gone");
+            self.gone = true;
+        }
+    }
+
+    fn progress(&mut self, p: Progress) {
+        let complete = p.files_done >= p.files_total && p.bytes_done >= p.bytes_total;
+        if !complete
+            && self
+                .last_progress
+                .is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL)
+        {
+            return;
+        }
+        self.last_progress = Some(Instant::now());
+        self.send(&Reply::<PushReport>::Progress(p));
+    }
+}
+
+fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
+    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let mut replies = Replies {
+        stream: &stream,
+        gone: false,
+        last_progress: None,
+    };
+    let request = match read_request(&stream) {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(msg) => {
+            tracing::debug!(%msg, "control socket: bad request");
+            replies.send(&Reply::<PushReport>::Error(msg));
+            return;
+        }
+    };
+    let reply = match request {
+        Request::Push { replica, options } => {
+            match handler.push(&replica, &options, &mut |p| replies.progress(p)) {
+                Ok(report) => Reply::Done(report),
+                Err(err) => {
+                    let msg = one_line(&err);
+                    tracing::warn!(replica = %replica.display(), error = %msg, "push failed");
+                    Reply::Error(msg)
+                }
+            }
+        }
+    };
+    replies.send(&reply);
+}
+
+/// The request line; `None` when the client closed without sending one.
+fn read_request(stream: &UnixStream) -> Result<Option<Request>, String> {
+    let mut line = Vec::new();
+    BufReader::new(stream.take(MAX_REQUEST))
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("reading the request: {e}"))?;
+    if line.is_empty() {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') && line.len() as u64 >= MAX_REQUEST {
+        return Err(format!("bad request: longer than {MAX_REQUEST} bytes"));
+    }
+    serde_json::from_slice(&line).map_err(|e| format!("bad request: {e}"))
+}
+
+fn one_line(err: &anyhow::Error) -> String {
+    err.chain()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Connects to a control socket.
+pub fn connect(path: &Path) -> io::Result<UnixStream> {
+    let (address, _dir) = socket_address(path)?;
+    UnixStream::connect(address)
+}
+
+/// Sends one push request and reads the answer, passing progress on;
+/// returns the report as the server sent it. An `{"error":...}` answer is
+/// returned as an error with the server's message.
+pub fn request_push(
+    stream: UnixStream,
+    replica: &Path,
+    options: &PushOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<serde_json::Value> {
+    let request = Request::Push {
+        replica: replica.to_path_buf(),
+        options: options.clone(),
+    };
+    let mut line = serde_json::to_vec(&request).context("encoding the request")?;
+    line.push(b'\n');
+    (&stream)
+        .write_all(&line)
+        .context("sending the request to the mount process")?;
+    let reader = BufReader::new(&stream);
+    for line in reader.lines() {
+        let line = line.context("reading the mount process's answer")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply: Reply<serde_json::Value> = serde_json::from_str(&line)
+            .with_context(|| format!("the mount process answered something unexpected: {line}"))?;
+        match reply {
+            Reply::Progress(p) => progress(p),
+            Reply::Done(report) => return Ok(report),
+            Reply::Error(msg) => return Err(anyhow!(msg)),
+        }
+    }
+    bail!("the mount process closed the connection before the push finished (see its log)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `steps` progress lines (sleeping `pause` between them), then
+    /// answers with a report whose `ops` is the number of the call.
+    struct Fake {
+        steps: u64,
+        pause: Duration,
+        calls: Mutex<u64>,
+        finished: Mutex<u64>,
+    }
+
+    impl Fake {
+        fn new(steps: u64, pause: Duration) -> Arc<Fake> {
+            Arc::new(Fake {
+                steps,
+                pause,
+                calls: Mutex::new(0),
+                finished: Mutex::new(0),
+            })
+        }
+    }
+
+    impl Handler for Fake {
+        fn push(
+            &self,
+            replica: &Path,
+            options: &PushOptions,
+            progress: &mut dyn FnMut(Progress),
+        ) -> anyhow::Result<PushReport> {
+            if replica == Path::new("/fail") {
+                bail!("no such replica");
+            }
+            let call = {
+                let mut c = self.calls.lock().unwrap();
+                *c += 1;
+                *c
+            };
+            for i in 1..=self.steps {
+                progress(Progress {
+                    files_total: self.steps,
+                    files_done: i,
+                    bytes_total: self.steps * 10,
+                    bytes_done: i * 10,
+                });
+                std::thread::sleep(self.pause);
+            }
+            *self.finished.lock().unwrap() += 1;
+            Ok(PushReport {
+                ops: call,
+                dry_run: options.dry_run,
+                ..PushReport::default()
+            })
+        }
+    }
+
+    fn start(dir: &Path, fake: &Arc<Fake>) -> (Server, PathBuf) {
+        let path = dir.join(SOCKET_NAME);
+        let server = Server::start(&path, fake.clone()).expect("start the server");
+        (server, path)
+    }
+
+    fn raw_exchange(path: &Path, request: &[u8]) -> Vec<serde_json::Value> {
+        let mut s = connect(path).expect("connect");
+        s.write_all(request).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+
+    #[test]
+    fn request_and_reply_lines_have_the_documented_shape() {
+        let req = Request::Push {
+            replica: "/r".into(),
+            options: PushOptions { dry_run: true },
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(v["push"]["replica"], "/r");
+        assert_eq!(v["push"]["options"]["dry_run"], true);
+        let parsed: Request = serde_json::from_str(r#"{"push":{"replica":"/r"}}"#).unwrap();
+        let Request::Push { options, .. } = parsed;
+        assert!(!options.dry_run);
+        let done = serde_json::to_value(Reply::Done(PushReport::default())).unwrap();
+        assert!(done["done"]["to_seq"].is_u64());
+        let err = serde_json::to_value(Reply::<PushReport>::Error("x".into())).unwrap();
+        assert_eq!(err, serde_json::json!({"error": "x"}));
+    }
+
+    #[test]
+    fn push_round_trip_with_progress_and_socket_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::new(3, Duration::ZERO);
+        let (server, path) = start(dir.path(), &fake);
+        {
+            use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+            let md = std::fs::metadata(&path).unwrap();
+            assert!(md.file_type().is_socket());
+            assert_eq!(md.permissions().mode() & 0o777, 0o600);
+        }
+        let mut seen = Vec::new();
+        let report = request_push(
+            connect(&path).unwrap(),
+            Path::new("/r"),
+            &PushOptions { dry_run: true },
+            &mut |p| seen.push(p),
+        )
+        .unwrap();
+        assert_eq!(report["ops"], 1);
+        assert_eq!(report["dry_run"], true);
+        // The first and the complete progress are always sent.
+        assert_eq!(seen.first().map(|p| p.files_done), Some(1));
+        assert_eq!(seen.last().map(|p| p.files_done), Some(3));
+
+        let err = request_push(
+            connect(&path).unwrap(),
+            Path::new("/fail"),
+            &PushOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "no such replica");
+        server.finish();
+        assert!(!path.exists(), "the socket is removed at stop");
+    }
+
+    #[test]
+    fn bad_requests_get_an_error_line_and_the_server_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::new(0, Duration::ZERO);
+        let (server, path) = start(dir.path(), &fake);
+        for garbage in [
+            &b"this is not json\n"[..],
+            b"{\"pull\":{}}\n",
+            b"{\"push\":{}}\n",
+            b"\xff\xfe\n",
+        ] {
+            let replies = raw_exchange(&path, garbage);
+            assert_eq!(replies.len(), 1, "{replies:?}");
+            let msg = replies[0]["error"].as_str().expect("an error reply");
+            assert!(msg.starts_with("bad request"), "{msg}");
+        }
+        // Too long, without a newline.
+        let long = vec![b'x'; MAX_REQUEST as usize + 10];
+        let mut s = connect(&path).unwrap();
+        let _ = s.write_all(&long);
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(text.contains("\"error\""), "{text}");
+        // A client that says nothing and leaves.
+        drop(connect(&path).unwrap());
+        // Still serving.
+        let replies = raw_exchange(&path, b"{\"push\":{\"replica\":\"/r\"}}\n");
+        assert_eq!(replies.last().unwrap()["done"]["ops"], 1);
+        server.finish();
+    }
+
+    #[test]
+    fn a_client_that_leaves_mid_push_does_not_stop_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::new(20, Duration::from_millis(10));
+        let (server, path) = start(dir.path(), &fake);
+        let mut s = connect(&path).unwrap();
+        s.write_all(b"{\"push\":{\"replica\":\"/r\"}}\n").unwrap();
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first).unwrap();
+        drop(s);
+        // finish waits for the running push, which completes.
+        server.finish();
+        assert_eq!(*fake.finished.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_and_long_paths_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut deep = dir.path().to_path_buf();
+        while deep.as_os_str().len() < 150 {
+            deep.push("a-rather-long-directory-name");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let fake = Fake::new(0, Duration::ZERO);
+        // A stale socket: bound, and its listener gone.
+        let (address, _fd) = socket_address(&deep.join(SOCKET_NAME)).unwrap();
+        drop(UnixListener::bind(&address).unwrap());
+        let (server, path) = start(&deep, &fake);
+        let report = request_push(
+            connect(&path).unwrap(),
+            Path::new("/r"),
+            &PushOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(report["ops"], 1);
+        drop(server);
+        assert!(!path.exists());
+        assert_eq!(connect(&path).unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn replicas_overlapping_a_tree_are_refused() {
+        let trees = [(Path::new("/src"), "SOURCE")];
+        assert!(check_replica_outside(Path::new("/src/r"), &trees).is_err());
+        assert!(check_replica_outside(Path::new("/src"), &trees).is_err());
+        assert!(check_replica_outside(Path::new("/"), &trees).is_err());
+        assert!(check_replica_outside(Path::new("/srcx"), &trees).is_ok());
+        assert!(check_replica_outside(Path::new("/backup/src"), &trees).is_ok());
+    }
+}

@@ -1,0 +1,254 @@
+//! Replication judged from outside: after every `ferry push`, `ferry verify`
+//! finds the replica equal to the source and so does `rsync -aHAXc
+//! --dry-run --itemize-changes --delete`.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use serde_json::Value;
+
+use crate::ops::{apply, op, populate};
+use crate::util::{TestMount, ferry, run};
+
+/// The JSON fields `ferry push --json` promises.
+const REPORT_FIELDS: &[&str] = &[
+    "from_seq",
+    "to_seq",
+    "files_created",
+    "files_removed",
+    "renames",
+    "content_bytes_read",
+    "bytes_sent",
+    "delta_files",
+    "full_files",
+    "commit_window_us",
+    "elapsed_ms",
+];
+
+/// A mount and a replica directory beside it.
+struct Pair {
+    tm: TestMount,
+    replica: PathBuf,
+}
+
+impl Pair {
+    fn new(fill: impl FnOnce(&Path)) -> Pair {
+        let tm = TestMount::with_source(fill);
+        let replica = tm.path("replica");
+        std::fs::create_dir(&replica).expect("mkdir replica");
+        Pair { tm, replica }
+    }
+
+    /// `ferry push MNT REPLICA --json`: the report.
+    fn push(&self) -> Value {
+        let out = ferry([
+            OsStr::new("push"),
+            self.tm.mnt.as_os_str(),
+            self.replica.as_os_str(),
+            OsStr::new("--json"),
+        ]);
+        assert!(out.ok(), "ferry push failed: {out:#?}");
+        let v: Value = serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("push --json is not one JSON object ({e}): {out:#?}"));
+        for f in REPORT_FIELDS {
+            assert!(v[f].is_u64(), "push --json lacks {f}: {v}");
+        }
+        v
+    }
+
+    /// Both judges agree the replica equals the source.
+    fn converged(&self) -> Result<(), String> {
+        let out = ferry([
+            OsStr::new("verify"),
+            self.tm.source.as_os_str(),
+            self.replica.as_os_str(),
+        ]);
+        if !out.ok() {
+            return Err(format!("ferry verify: {}{}", out.stdout, out.stderr));
+        }
+        let out = run(Command::new("rsync")
+            .args(["-aHAXc", "--dry-run", "--itemize-changes", "--delete"])
+            .arg(format!("{}/", self.tm.source.display()))
+            .arg(format!("{}/", self.replica.display())));
+        if !out.ok() || !out.stdout.trim().is_empty() {
+            return Err(format!(
+                "rsync sees differences:\n{}{}",
+                out.stdout, out.stderr
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn u(v: &Value, f: &str) -> u64 {
+    v[f].as_u64().unwrap_or_else(|| panic!("{f} in {v}"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 24,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Random operations through the mount with pushes at random points:
+    /// every push converges.
+    #[test]
+    fn random_workloads_converge(ops in prop::collection::vec((op(), prop::bool::weighted(0.15)), 1..40)) {
+        let pair = Pair::new(populate);
+        pair.push();
+        pair.converged().map_err(TestCaseError::fail)?;
+        let mut pushed = 0;
+        for (i, (op, push_after)) in ops.iter().enumerate() {
+            let _ = apply(&pair.tm.mnt, op);
+            if *push_after {
+                pair.push();
+                pushed += 1;
+                pair.converged().map_err(|e| TestCaseError::fail(format!("after op {i} ({op:?}), push {pushed}: {e}")))?;
+            }
+        }
+        pair.push();
+        pair.converged().map_err(|e| TestCaseError::fail(format!("final push: {e}")))?;
+        let again = pair.push();
+        prop_assert_eq!(u(&again, "bytes_sent"), 0, "a second push had work: {}", again);
+    }
+}
+
+/// 16 MiB of varied bytes.
+fn big(n: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn small_changes_send_little() {
+    let pair = Pair::new(|s| {
+        std::fs::write(s.join("big"), big(16 << 20)).unwrap();
+        std::fs::write(s.join("doc"), big(4 << 20)).unwrap();
+        std::fs::create_dir(s.join("dir")).unwrap();
+        for i in 0..200 {
+            std::fs::write(s.join(format!("dir/f{i}")), format!("file {i}")).unwrap();
+        }
+    });
+    let seed = pair.push();
+    assert_eq!(u(&seed, "from_seq"), 0);
+    assert!(u(&seed, "files_created") >= 203, "{seed}");
+    pair.converged().unwrap();
+
+    // A 4 KiB write in the middle of the big file: one 16 KiB leaf (or two).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pair.tm.mnt.join("big"))
+        .unwrap();
+    f.write_all_at(&[7u8; 4096], (8 << 20) + 123).unwrap();
+    drop(f);
+    let v = pair.push();
+    assert_eq!(u(&v, "full_files") + u(&v, "delta_files"), 0, "{v}");
+    assert!(
+        u(&v, "bytes_sent") < 40_000,
+        "a 4 KiB edit sent {} bytes",
+        u(&v, "bytes_sent")
+    );
+    assert!(u(&v, "content_bytes_read") <= 32 << 10, "{v}");
+    pair.converged().unwrap();
+
+    // A directory of 200 files moved: one rename, no content.
+    std::fs::rename(pair.tm.mnt.join("dir"), pair.tm.mnt.join("moved")).unwrap();
+    let v = pair.push();
+    assert_eq!(u(&v, "renames"), 1, "{v}");
+    assert_eq!(u(&v, "content_bytes_read"), 0, "{v}");
+    assert!(u(&v, "bytes_sent") < 4096, "{v}");
+    pair.converged().unwrap();
+
+    // The editor save: a new file with a small change renamed over the old.
+    let mut d = std::fs::read(pair.tm.mnt.join("doc")).unwrap();
+    d.splice(1000..1000, b"inserted".iter().copied());
+    std::fs::write(pair.tm.mnt.join(".doc.swp"), &d).unwrap();
+    std::fs::rename(pair.tm.mnt.join(".doc.swp"), pair.tm.mnt.join("doc")).unwrap();
+    let v = pair.push();
+    assert_eq!(u(&v, "delta_files"), 1, "{v}");
+    assert!(u(&v, "bytes_sent") < 64 << 10, "{v}");
+    pair.converged().unwrap();
+
+    // Nothing to do.
+    let v = pair.push();
+    assert_eq!(u(&v, "bytes_sent"), 0, "{v}");
+    assert_eq!(u(&v, "files_created") + u(&v, "renames"), 0, "{v}");
+}
+
+#[test]
+fn a_replica_changed_behind_ferrys_back_is_repaired() {
+    let pair = Pair::new(|s| std::fs::write(s.join("big"), big(1 << 20)).unwrap());
+    pair.push();
+    // Change the replica's copy, keeping its size.
+    let r = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pair.replica.join("big"))
+        .unwrap();
+    r.write_all_at(b"tampered", 100_000).unwrap();
+    drop(r);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pair.tm.mnt.join("big"))
+        .unwrap();
+    f.write_all_at(b"edit", 500_000).unwrap();
+    drop(f);
+    let v = pair.push();
+    assert_eq!(u(&v, "repaired_files"), 1, "{v}");
+    assert_eq!(u(&v, "full_files"), 1, "{v}");
+    pair.converged().unwrap();
+}
+
+#[test]
+fn sparse_files_stay_sparse() {
+    let pair = Pair::new(|s| {
+        let f = std::fs::File::create(s.join("sparse")).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"middle", 32 << 20).unwrap();
+    });
+    pair.push();
+    pair.converged().unwrap();
+    let md = std::fs::metadata(pair.replica.join("sparse")).unwrap();
+    assert_eq!(md.len(), 64 << 20);
+    assert!(
+        md.blocks() * 512 < 1 << 20,
+        "{} bytes allocated",
+        md.blocks() * 512
+    );
+}
+
+#[test]
+fn pushes_while_a_writer_runs_converge_once_it_stops() {
+    let pair = Pair::new(|s| std::fs::write(s.join("log"), big(256 << 10)).unwrap());
+    pair.push();
+    let path = pair.tm.mnt.join("log");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all_at(&[i as u8; 3000], (i * 7919) % (300 << 10))
+                    .unwrap();
+                i += 1;
+            }
+        });
+        for _ in 0..5 {
+            pair.push();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    pair.push();
+    pair.converged().unwrap();
+}
