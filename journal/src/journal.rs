@@ -102,7 +102,9 @@ pub(crate) struct Shared {
     pub writer_thread: Mutex<Option<ThreadId>>,
     pub index_path: PathBuf,
     /// Shared with the writer; pushes read and write its cache tables.
-    pub index: Arc<crate::index::Index>,
+    /// `None` once closed, so that the database is closed with the journal
+    /// even while clones of the handle live on.
+    pub index: Mutex<Option<Arc<crate::index::Index>>>,
     pub journal_id: std::sync::OnceLock<[u8; 16]>,
     pub lock: Mutex<Option<LockFile>>,
 }
@@ -590,6 +592,7 @@ impl Journal {
         if let Some(h) = self.shared.writer.lock().take() {
             let _ = h.join();
         }
+        *self.shared.index.lock() = None;
         *self.shared.lock.lock() = None;
         res
     }

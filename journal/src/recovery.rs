@@ -120,7 +120,7 @@ pub(crate) fn open_with(
         writer: Mutex::new(None),
         writer_thread: Mutex::new(None),
         index_path,
-        index: index.clone(),
+        index: Mutex::new(Some(index.clone())),
         journal_id: std::sync::OnceLock::new(),
         lock: Mutex::new(Some(lock)),
     });

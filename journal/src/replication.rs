@@ -59,24 +59,25 @@ pub struct Pending {
 }
 
 impl Journal {
-    /// Records every pending range, waits until the log is durable up to
-    /// the last record, and returns its sequence number: a batch may go up
-    /// to it, and a replica that applied it can never be ahead of the log
-    /// after a crash.
-    pub fn barrier(&self) -> Result<Seq, JournalError> {
+    /// Records every pending range and returns the last record's sequence
+    /// number: a batch may go up to it once [`durable`](Self::durable)
+    /// returns for it.
+    pub fn barrier(&self) -> Seq {
         self.shared.emit_pending();
-        let to = {
-            let mut live = self.shared.live.lock();
-            let to = Seq(live.next_seq - 1);
-            live.history.get_or_insert_with(|| History {
-                base: None,
-                since: to,
-                tail: Vec::new(),
-            });
-            to
-        };
-        self.shared.wait_durable(to)?;
-        Ok(to)
+        let mut live = self.shared.live.lock();
+        let to = Seq(live.next_seq - 1);
+        live.history.get_or_insert_with(|| History {
+            base: None,
+            since: to,
+            tail: Vec::new(),
+        });
+        to
+    }
+
+    /// Waits until the log is durable up to `to`, so that a replica that
+    /// applied a batch up to it can never be ahead of the log after a crash.
+    pub fn durable(&self, to: Seq) -> Result<(), JournalError> {
+        self.shared.wait_durable(to)
     }
 
     /// The tree at `from` and the records of `(from, to]` (`to` from
@@ -109,7 +110,28 @@ impl Journal {
         self.pending_from_log(from, to)
     }
 
-    fn pending_from_log(&self, from: Seq, to: Seq) -> Result<Pending, JournalError> {
+    /// Whether the records of `(from, to]` are known (from the history) to
+    /// change nothing on a replica: a push's own `Clean` records, mount
+    /// starts and stops. Answers without copying the tree.
+    pub fn nothing_to_push(&self, from: Seq, to: Seq) -> bool {
+        let live = self.shared.live.lock();
+        let Some(h) = &live.history else {
+            return false;
+        };
+        h.since <= from
+            && h.tail
+                .iter()
+                .skip_while(|r| r.seq <= from)
+                .take_while(|r| r.seq <= to)
+                .all(|r| {
+                    matches!(
+                        r.op,
+                        Op::Clean { .. } | Op::MountStart { .. } | Op::MountStop
+                    )
+                })
+    }
+
+    pub(crate) fn pending_from_log(&self, from: Seq, to: Seq) -> Result<Pending, JournalError> {
         let state_dir = state_dir_of(&self.shared);
         let mut before = Namespace::new();
         let mut records = Vec::new();
@@ -171,7 +193,7 @@ impl Journal {
         &self,
         ids: impl Iterator<Item = FileId>,
     ) -> Result<HashMap<FileId, Vec<u8>>, JournalError> {
-        self.shared.index.cached(ids)
+        self.index()?.cached(ids)
     }
 
     /// Records that `replica` applied everything up to `seq` and now holds
@@ -182,7 +204,11 @@ impl Journal {
         seq: Seq,
         cache: &[(FileId, Option<Vec<u8>>)],
     ) -> Result<(), JournalError> {
-        self.shared.index.acknowledge(replica, seq, cache)
+        self.index()?.acknowledge(replica, seq, cache)
+    }
+
+    fn index(&self) -> Result<Arc<crate::index::Index>, JournalError> {
+        self.shared.index.lock().clone().ok_or(JournalError::Closed)
     }
 
     /// Where the file is now: its path (through its first name) and its
@@ -213,13 +239,13 @@ impl Journal {
         if let Some(id) = self.shared.journal_id.get() {
             return Ok(*id);
         }
-        let id = self.shared.index.journal_id()?;
+        let id = self.index()?.journal_id()?;
         Ok(*self.shared.journal_id.get_or_init(|| id))
     }
 
     /// Every replica's acknowledged sequence number, by name.
     pub fn replicas(&self) -> Result<Vec<(String, Seq)>, JournalError> {
-        self.shared.index.replicas()
+        self.index()?.replicas()
     }
 }
 
@@ -253,6 +279,9 @@ impl Frozen {
                 origin: Origin::Mount,
             });
             return;
+        }
+        if !self.file.is_dirty() && !self.file.rewritten.load(Ordering::Acquire) {
+            return; // clean already: nothing to record
         }
         let mut live = self.journal.shared.live.lock();
         self.file.rewritten.store(false, Ordering::Release);

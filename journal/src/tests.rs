@@ -848,3 +848,165 @@ mod model {
 
     use std::os::unix::ffi::OsStrExt;
 }
+
+mod replication {
+    //! What a push needs: the barrier, the tree and records since a
+    //! replica's sequence number (from the history or the log, alike), the
+    //! freeze, taking files clean, and the replica cache.
+
+    use super::*;
+    use crate::changeset::Changeset;
+    use crate::id::Seq;
+
+    fn open(f: &Fixture) -> Journal {
+        Journal::open(&f.state, &f.src, &quiet()).expect("open").0
+    }
+
+    #[test]
+    fn history_and_log_give_the_same_pending_changes() {
+        let f = fixture();
+        let j = open(&f);
+        let first = j.barrier();
+        j.durable(first).unwrap();
+        let seed = j.pending(Seq(0), first).unwrap();
+        assert_eq!(seed.before.seq(), Seq(0));
+        let mut after = seed.before.clone();
+        for r in &seed.records {
+            after.apply(r);
+        }
+        j.remember(after);
+        let c = j.created(
+            FileId::ROOT,
+            OsStr::new("new"),
+            InodeKey { dev: 9, ino: 900 },
+            FileKind::File,
+        );
+        let a = j.lookup(key_of(&f.src.join("a"))).unwrap();
+        j.renamed(
+            a,
+            FileId::ROOT,
+            OsStr::new("a"),
+            FileId::ROOT,
+            OsStr::new("z"),
+            RenameMode::Replace,
+            None,
+        );
+        let to = j.barrier();
+        j.durable(to).unwrap();
+        let from_history = j.pending(first, to).unwrap();
+        let from_log = j.pending_from_log(first, to).unwrap();
+        assert_eq!(from_history.records, from_log.records);
+        let ch = Changeset::compute(&from_history.before, &from_history.records);
+        assert_eq!(ch, Changeset::compute(&from_log.before, &from_log.records));
+        assert!(ch.files[&c].created());
+        assert!(ch.files[&a].names_changed());
+        assert!(!j.nothing_to_push(first, to));
+        j.close().unwrap();
+    }
+
+    #[test]
+    fn a_replica_ahead_of_the_log_is_refused() {
+        let f = fixture();
+        let j = open(&f);
+        let to = j.barrier();
+        assert!(matches!(
+            j.pending(Seq(to.0 + 5), to),
+            Err(JournalError::Ahead { .. })
+        ));
+        j.close().unwrap();
+    }
+
+    #[test]
+    fn freezing_stops_changes_and_settling_takes_the_file_clean() {
+        let f = fixture();
+        let j = open(&f);
+        let a = j.lookup(key_of(&f.src.join("a"))).unwrap();
+        let st = j.file_state(a).unwrap();
+        j.note_write(&st, 0, 3).unwrap();
+        assert!(st.is_dirty());
+        let frozen = j.freeze(a).unwrap();
+        assert!(
+            st.changes.try_read().is_none(),
+            "a change got past the freeze"
+        );
+        let before = j.barrier();
+        frozen.settle();
+        assert!(!st.is_dirty());
+        assert!(st.changes.try_read().is_some());
+        let to = j.barrier();
+        // Only the push's own Clean record since: nothing to push.
+        let recs: Vec<Op> = records_after(&j, before, to);
+        assert_eq!(recs, vec![Op::Clean { id: a }]);
+        // The freeze recorded the pending range before the Clean.
+        j.note_write(&st, 10, 1).unwrap();
+        assert!(
+            st.is_dirty(),
+            "a write after the push must mark the file dirty again"
+        );
+        j.close().unwrap();
+    }
+
+    fn records_after(j: &Journal, from: Seq, to: Seq) -> Vec<Op> {
+        j.durable(to).unwrap();
+        j.pending_from_log(from, to)
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| r.op)
+            .collect()
+    }
+
+    #[test]
+    fn a_file_with_an_unseen_writer_stays_dirty_and_is_sent_again() {
+        let f = fixture();
+        let j = open(&f);
+        let a = j.lookup(key_of(&f.src.join("a"))).unwrap();
+        let st = j.file_state(a).unwrap();
+        j.mark_rewritten(&st, Origin::Mount).unwrap();
+        st.unjournaled_writer_opened();
+        let before = j.barrier();
+        j.freeze(a).unwrap().settle();
+        assert!(st.is_dirty());
+        let to = j.barrier();
+        assert_eq!(
+            records_after(&j, before, to),
+            vec![Op::Rewritten {
+                id: a,
+                origin: Origin::Mount
+            }]
+        );
+        assert!(!j.nothing_to_push(before, to));
+        st.unjournaled_writer_closed();
+        j.close().unwrap();
+    }
+
+    #[test]
+    fn the_cache_and_the_journal_id_outlive_a_reopen() {
+        let f = fixture();
+        let j = open(&f);
+        let id = j.journal_id().unwrap();
+        assert_eq!(j.journal_id().unwrap(), id);
+        let a = j.lookup(key_of(&f.src.join("a"))).unwrap();
+        let b = j.lookup(key_of(&f.src.join("d/b"))).unwrap();
+        j.acknowledge(
+            "/r1",
+            Seq(7),
+            &[(a, Some(b"tree-a".to_vec())), (b, Some(b"tree-b".to_vec()))],
+        )
+        .unwrap();
+        j.acknowledge("/r2", Seq(5), &[(b, None)]).unwrap();
+        j.close().unwrap();
+        let j = open(&f);
+        assert_eq!(j.journal_id().unwrap(), id);
+        let cached = j.cached([a, b].into_iter()).unwrap();
+        assert_eq!(cached.get(&a).map(Vec::as_slice), Some(&b"tree-a"[..]));
+        assert!(!cached.contains_key(&b));
+        let mut replicas = j.replicas().unwrap();
+        replicas.sort();
+        assert_eq!(
+            replicas,
+            vec![("/r1".to_string(), Seq(7)), ("/r2".to_string(), Seq(5))]
+        );
+        j.close().unwrap();
+    }
+}

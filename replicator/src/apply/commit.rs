@@ -25,6 +25,22 @@ use serde::{Deserialize, Serialize};
 use super::fsops::{Kind, Root};
 use crate::batch::{RelPath, Timestamp, WriteRange};
 
+/// Staged entries live in buckets of this many below `staging/`: one
+/// directory of 100,000 entries makes every create and rename in it slower
+/// (measured: ext4 spends most of a seed allocating inodes near one
+/// directory), and buckets spread them.
+pub const STAGING_BUCKET: u32 = 4096;
+
+/// The bucket of staged entry `id`, relative to `staging/`.
+pub fn staged_bucket(id: u32) -> CString {
+    CString::new((id / STAGING_BUCKET).to_string()).expect("digits")
+}
+
+/// The name of staged entry `id`, relative to `staging/`.
+pub fn staged_name(id: u32) -> CString {
+    CString::new(format!("{}/{id}", id / STAGING_BUCKET)).expect("digits")
+}
+
 /// A metadata change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Meta {
@@ -129,6 +145,10 @@ impl Step {
         }
     }
 
+    pub fn is_install(&self) -> bool {
+        matches!(self, Step::Install { .. })
+    }
+
     pub fn is_meta(&self) -> bool {
         matches!(self, Step::Meta { .. })
     }
@@ -188,7 +208,7 @@ pub fn run(root: &Root, staging: BorrowedFd<'_>, step: &Step) -> Result<(), Errn
         } => {
             // Still in staging: not installed yet. Gone from staging: it
             // was installed, and maybe moved or removed by a later step.
-            let name = CString::new(id.to_string()).expect("digits");
+            let name = staged_name(*id);
             match fstatat(staging, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) if st.st_ino == *ino => {
                     let p = root.parent(path)?;
@@ -298,7 +318,7 @@ pub fn run(root: &Root, staging: BorrowedFd<'_>, step: &Step) -> Result<(), Errn
             }
             let f = root.parent(path)?.open_file(true)?;
             check_ino(&f, *ino)?;
-            let name = CString::new(id.to_string()).expect("digits");
+            let name = staged_name(*id);
             let src = nix::fcntl::openat(
                 staging,
                 name.as_c_str(),
@@ -329,39 +349,45 @@ pub fn run(root: &Root, staging: BorrowedFd<'_>, step: &Step) -> Result<(), Errn
                 return Ok(());
             }
             let p = root.parent(path)?;
-            let name = p.name.as_c_str();
-            match meta {
-                // Linux has no permission bits on symlinks.
-                Meta::Chmod(_) if *kind == Kind::Symlink => Ok(()),
-                Meta::Chmod(mode) => fchmodat(
-                    &p.dir,
-                    name,
-                    Mode::from_bits_retain(*mode),
-                    FchmodatFlags::NoFollowSymlink,
-                ),
-                Meta::Chown(uid, gid) => fchownat(
-                    &p.dir,
-                    name,
-                    Some(Uid::from_raw(*uid)),
-                    Some(Gid::from_raw(*gid)),
-                    AtFlags::AT_SYMLINK_NOFOLLOW,
-                ),
-                Meta::Utimes(a, m) => utimensat(
-                    &p.dir,
-                    name,
-                    &ts(*a),
-                    &ts(*m),
-                    UtimensatFlags::NoFollowSymlink,
-                ),
-                Meta::SetXattr(n, v) => {
-                    xattr::set(p.proc_path(), OsStr::from_bytes(n), v).map_err(io_errno)
-                }
-                Meta::RemoveXattr(n) => match xattr::remove(p.proc_path(), OsStr::from_bytes(n)) {
-                    Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
-                    r => r.map_err(io_errno),
-                },
-            }
+            set_meta(p.dir.as_fd(), &p.name, &p.proc_path(), *kind, meta)
         }
+    }
+}
+
+/// Sets `meta` on the entry `name` of `dir` (`proc_path` names the same
+/// entry, for the xattr calls, which take only paths), not following a
+/// symlink.
+pub fn set_meta(
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+    proc_path: &std::path::Path,
+    kind: Kind,
+    meta: &Meta,
+) -> Result<(), Errno> {
+    match meta {
+        // Linux has no permission bits on symlinks.
+        Meta::Chmod(_) if kind == Kind::Symlink => Ok(()),
+        Meta::Chmod(mode) => fchmodat(
+            dir,
+            name,
+            Mode::from_bits_retain(*mode),
+            FchmodatFlags::NoFollowSymlink,
+        ),
+        Meta::Chown(uid, gid) => fchownat(
+            dir,
+            name,
+            Some(Uid::from_raw(*uid)),
+            Some(Gid::from_raw(*gid)),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ),
+        Meta::Utimes(a, m) => {
+            utimensat(dir, name, &ts(*a), &ts(*m), UtimensatFlags::NoFollowSymlink)
+        }
+        Meta::SetXattr(n, v) => xattr::set(proc_path, OsStr::from_bytes(n), v).map_err(io_errno),
+        Meta::RemoveXattr(n) => match xattr::remove(proc_path, OsStr::from_bytes(n)) {
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+            r => r.map_err(io_errno),
+        },
     }
 }
 

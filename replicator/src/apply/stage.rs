@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 
@@ -35,11 +35,14 @@ use nix::sys::stat::{
 use nix::unistd::symlinkat;
 
 use super::ApplyError;
-use super::commit::{Entry, Meta, Step, copy_meta};
+use super::commit::{
+    Entry, Meta, STAGING_BUCKET, Step, copy_meta, set_meta, staged_bucket, staged_name,
+};
+use super::durable::PendingSync;
 use super::fsops::{Kind, Root, describe};
 use super::tree_cache::{Recorded, TreeCache};
 use crate::batch::limits::delta_output_limit;
-use crate::batch::{BatchReader, Hash, NodeKind, Op, RelPath, WriteRange};
+use crate::batch::{BatchReader, Hash, NodeKind, Op, RelPath, Timestamp, WriteRange};
 use crate::tree::{ContentTree, LEAF, TreeBuilder, leaves_of};
 
 /// What a path holds at a point of the batch.
@@ -132,6 +135,10 @@ pub struct Staged {
     pub trees: Vec<Recorded>,
     /// Bytes of replica files read to check or apply content changes.
     pub replica_bytes_read: u64,
+    /// The staged files, to be made durable before the commit log.
+    pub to_sync: PendingSync,
+    /// Metadata of staged entries that could not be set.
+    pub warnings: Vec<String>,
 }
 
 /// The streamed file being received (`BeginFile` .. `EndFile`).
@@ -172,6 +179,14 @@ pub struct Stager<'a> {
     op: &'static str,
     path: RelPath,
     staged: u64,
+    /// Staged files written and not yet durable.
+    to_sync: PendingSync,
+    /// Times of staged non-directories, set at the end of staging.
+    staged_times: HashMap<u32, (Kind, Timestamp, Timestamp)>,
+    warnings: Vec<String>,
+    /// Staged entries whose install takes a replica file's metadata
+    /// (which would undo metadata set on them during staging).
+    takes_meta_at_commit: HashSet<u32>,
 }
 
 /// How far in-place changes may grow a file: a replica file in one batch,
@@ -208,6 +223,10 @@ impl<'a> Stager<'a> {
             overlay: BTreeMap::new(),
             pending: HashMap::new(),
             staged_trees: HashMap::new(),
+            to_sync: PendingSync::default(),
+            staged_times: HashMap::new(),
+            takes_meta_at_commit: HashSet::new(),
+            warnings: Vec::new(),
             content_set: HashMap::new(),
             replica_bytes_read: 0,
             entries: Vec::new(),
@@ -237,7 +256,7 @@ impl<'a> Stager<'a> {
 
     /// Opens the staged file numbered `id` (staged files are named by number).
     fn open_staged(&self, id: u32, access: OFlag) -> Result<File, ApplyError> {
-        let name = CString::new(id.to_string()).expect("digits");
+        let name = staged_name(id);
         openat(
             self.staging,
             name.as_c_str(),
@@ -271,11 +290,16 @@ impl<'a> Stager<'a> {
             }
             self.stage(op)?;
         }
+        for (id, (kind, a, m)) in std::mem::take(&mut self.staged_times) {
+            self.set_staged_meta(id, kind, &Meta::Utimes(a, m));
+        }
         Ok(Staged {
             trees: self.final_trees()?,
+            warnings: self.warnings,
             entries: self.entries,
             count: self.staged,
             replica_bytes_read: self.replica_bytes_read,
+            to_sync: self.to_sync,
         })
     }
 
@@ -434,11 +458,22 @@ impl<'a> Stager<'a> {
         below
     }
 
-    fn new_id(&mut self) -> (u32, CString) {
+    /// A new staged entry's number and name (making its bucket first).
+    fn new_id(&mut self) -> Result<(u32, CString), ApplyError> {
         let id = self.next_id;
+        if id % STAGING_BUCKET == 0 {
+            match mkdirat(
+                self.staging,
+                staged_bucket(id).as_c_str(),
+                Mode::from_bits_truncate(0o700),
+            ) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(self.errno("making a staging bucket", e)),
+            }
+        }
         self.next_id += 1;
         self.staged += 1;
-        (id, CString::new(id.to_string()).expect("digits"))
+        Ok((id, staged_name(id)))
     }
 
     fn staged_stat(&self, name: &CString) -> Result<FileStat, ApplyError> {
@@ -478,6 +513,9 @@ impl<'a> Stager<'a> {
     /// staged file takes at the commit.
     fn install_replacing(&mut self, p: &RelPath, id: u32, st: &FileStat, replaces: Option<u64>) {
         let kind = Kind::of(st);
+        if replaces.is_some() {
+            self.takes_meta_at_commit.insert(id);
+        }
         self.take_subtree(p);
         self.overlay.insert(
             p.clone(),
@@ -496,7 +534,7 @@ impl<'a> Stager<'a> {
     }
 
     fn create_staged_file(&mut self) -> Result<(u32, File), ApplyError> {
-        let (id, name) = self.new_id();
+        let (id, name) = self.new_id()?;
         let fd = openat(
             self.staging,
             name.as_c_str(),
@@ -529,7 +567,7 @@ impl<'a> Stager<'a> {
     }
 
     /// Gives a new staged file (whose content has been checked) its mode,
-    /// fsyncs it, and installs it at `p`.
+    /// notes it to be synced, and installs it at `p`.
     fn finish_new_file(
         &mut self,
         p: &RelPath,
@@ -540,7 +578,9 @@ impl<'a> Stager<'a> {
     ) -> Result<(), ApplyError> {
         fchmod(file.as_fd(), Mode::from_bits_retain(mode))
             .map_err(|e| self.errno("setting the mode", e))?;
-        file.sync_all().map_err(|e| self.io("fsync", e))?;
+        self.to_sync
+            .add(&file)
+            .map_err(|e| self.io("keeping the file to sync", e))?;
         let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| self.errno("fstat", e))?;
         self.install(p, id, &st);
         self.staged_trees.insert(id, tree);
@@ -551,7 +591,7 @@ impl<'a> Stager<'a> {
         match op {
             Op::Mkdir { path, mode } => {
                 self.check_new(&path, true)?;
-                let (id, name) = self.new_id();
+                let (id, name) = self.new_id()?;
                 mkdirat(
                     self.staging,
                     name.as_c_str(),
@@ -562,7 +602,7 @@ impl<'a> Stager<'a> {
             }
             Op::Symlink { path, target } => {
                 self.check_new(&path, false)?;
-                let (id, name) = self.new_id();
+                let (id, name) = self.new_id()?;
                 symlinkat(OsStr::from_bytes(&target), self.staging, name.as_c_str())
                     .map_err(|e| self.errno("symlink in staging", e))?;
                 self.finish_staged(&path, id, &name, None)?;
@@ -574,7 +614,7 @@ impl<'a> Stager<'a> {
                 rdev,
             } => {
                 self.check_new(&path, false)?;
-                let (id, name) = self.new_id();
+                let (id, name) = self.new_id()?;
                 let sflag = match kind {
                     NodeKind::Fifo => SFlag::S_IFIFO,
                     NodeKind::Socket => SFlag::S_IFSOCK,
@@ -730,6 +770,26 @@ impl<'a> Stager<'a> {
     fn meta(&mut self, path: RelPath, meta: Meta) -> Result<(), ApplyError> {
         let n = self.need(&path)?;
         let kind = n.kind().expect("exists");
+        if let Node::Staged { id, .. } = n
+            && !self.takes_meta_at_commit.contains(&id)
+        {
+            // Not visible yet: set on the staged entry now, and its install
+            // carries it, saving a commit step per new file. Times wait
+            // for the end of staging (a later write to the file would move
+            // them), and a directory's for the commit (installs into it
+            // move them).
+            match meta {
+                Meta::Utimes(..) if kind == Kind::Dir => {}
+                Meta::Utimes(a, m) => {
+                    self.staged_times.insert(id, (kind, a, m));
+                    return Ok(());
+                }
+                meta => {
+                    self.set_staged_meta(id, kind, &meta);
+                    return Ok(());
+                }
+            }
+        }
         self.push(Step::Meta {
             path,
             ino: n.ino(),
@@ -737,6 +797,26 @@ impl<'a> Stager<'a> {
             meta,
         });
         Ok(())
+    }
+
+    /// Sets metadata on staged entry `id`; what the filesystem or our
+    /// privileges refuse is a warning, as in the commit.
+    fn set_staged_meta(&mut self, id: u32, kind: Kind, meta: &Meta) {
+        let name = staged_name(id);
+        let proc_path = std::path::PathBuf::from(format!(
+            "/proc/self/fd/{}/{}",
+            self.staging.as_raw_fd(),
+            staged_name(id).to_string_lossy()
+        ));
+        if let Err(e) = set_meta(self.staging.as_fd(), &name, &proc_path, kind, meta) {
+            self.warnings.push(format!(
+                "op {} ({} {}): {}",
+                self.index,
+                self.op,
+                self.path,
+                describe(e)
+            ));
+        }
     }
 
     fn rename(&mut self, from: RelPath, to: RelPath, exchange: bool) -> Result<(), ApplyError> {
@@ -997,7 +1077,9 @@ impl<'a> Stager<'a> {
             })
             .map_err(|e| self.io("reading", e))?;
         self.check_result(hashes, &after)?;
-        f.sync_all().map_err(|e| self.io("fsync", e))?;
+        self.to_sync
+            .add(&f)
+            .map_err(|e| self.io("keeping the file to sync", e))?;
         self.staged_trees.insert(id, after);
         Ok(())
     }
@@ -1150,7 +1232,9 @@ impl<'a> Stager<'a> {
             // The file has other links, which must see the new content as
             // they would after an in-place rewrite: the commit copies the
             // staged content into the inode instead of replacing it.
-            file.sync_all().map_err(|e| self.io("fsync", e))?;
+            self.to_sync
+                .add(&file)
+                .map_err(|e| self.io("keeping the file to sync", e))?;
             self.copied.insert(*ino, id);
             self.staged_trees.insert(id, tree);
             self.content_set.entry(*ino).or_insert(start.clone());
@@ -1167,14 +1251,16 @@ impl<'a> Stager<'a> {
         if matches!(n, Node::Staged { .. }) {
             copy_meta(&src, &file).map_err(|e| self.io("copying metadata", e))?;
         }
-        file.sync_all().map_err(|e| self.io("fsync", e))?;
+        self.to_sync
+            .add(&file)
+            .map_err(|e| self.io("keeping the file to sync", e))?;
         let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| self.errno("fstat", e))?;
         match n {
             Node::Staged { id: old, .. } => {
                 // Replace the staged file in staging (it is not visible):
                 // it keeps its id, its inode changes.
-                let old_name = CString::new(old.to_string()).expect("digits");
-                let new_name = CString::new(id.to_string()).expect("digits");
+                let old_name = staged_name(old);
+                let new_name = staged_name(id);
                 nix::fcntl::renameat(
                     self.staging,
                     new_name.as_c_str(),

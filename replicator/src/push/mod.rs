@@ -75,19 +75,25 @@ pub fn push(
         )));
     }
     let from = Seq(applied.map_or(0, |a| a.seq));
-    let to = journal.barrier()?;
+    let to = journal.barrier();
     let mut report = PushReport {
         from_seq: from.0,
         to_seq: to.0,
         dry_run: opts.dry_run,
         ..PushReport::default()
     };
-    if from == to {
+    if from == to || journal.nothing_to_push(from, to) {
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
     }
+    journal.durable(to)?;
 
     let pending = journal.pending(from, to)?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        records = pending.records.len(),
+        "push: tree and records"
+    );
     let changes = Changeset::compute(&pending.before, &pending.records);
     if changes.is_empty() {
         // Only records that change nothing on a replica (a push's own
@@ -104,6 +110,12 @@ pub fn push(
         .namespace_plan(&pending.before, &after)
         .map_err(|e| PushError::Other(format!("planning the namespace changes: {e}")))?;
     let cache = load_cache(journal, &changes, &steps)?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        files = changes.files.len(),
+        steps = steps.len(),
+        "push: planned"
+    );
 
     let header = BatchHeader {
         source_id: journal_id,
@@ -165,9 +177,13 @@ pub fn push(
     if let Some(a) = applied {
         report.ops = a.ops;
         report.commit_window_us = a.commit_window_us;
+        report.staging_ms = a.staging_us / 1000;
+        report.sync_ms = a.sync_us / 1000;
         report.warnings = a.warnings;
+        tracing::debug!(ms = started.elapsed().as_millis(), "push: applied");
         journal.acknowledge(&replica.to_string_lossy(), to, &written.cache)?;
         journal.remember(after);
+        tracing::debug!(ms = started.elapsed().as_millis(), "push: acknowledged");
     }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(report)
@@ -237,13 +253,16 @@ fn apply_streamed(
 ) -> Result<(Written, u64, ApplyReport), Attempt> {
     let (reader, writer) = io::pipe().map_err(|e| PushError::Other(format!("pipe: {e}")))?;
     std::thread::scope(|scope| {
-        let applier = scope.spawn(move || {
-            apply::apply(
-                replica,
-                BufReader::with_capacity(PIPE_BUFFER, reader),
-                &ApplyOptions::default(),
-            )
-        });
+        let applier = std::thread::Builder::new()
+            .name("ferry-apply".into())
+            .spawn_scoped(scope, move || {
+                apply::apply(
+                    replica,
+                    BufReader::with_capacity(PIPE_BUFFER, reader),
+                    &ApplyOptions::default(),
+                )
+            })
+            .map_err(|e| PushError::Other(format!("starting the applier: {e}")))?;
         let wrote = write_batch(
             plan,
             header,

@@ -108,6 +108,13 @@ fn time(sec: i64, nsec: i64) -> Timestamp {
     }
 }
 
+/// Whether the file may have holes: fewer blocks allocated than its size
+/// needs (a file with holes and preallocated blocks counts as dense, and is
+/// copied densely).
+fn is_sparse(md: &Metadata) -> bool {
+    md.blocks().saturating_mul(512) < md.len()
+}
+
 fn perm(md: &Metadata) -> u32 {
     md.mode() & 0o7777
 }
@@ -470,7 +477,11 @@ impl<W: Write> Writing<'_, '_, W> {
         md: &Metadata,
     ) -> Result<(), PushError> {
         let src_err = |e| PushError::Other(format!("reading {path} from the source: {e}"));
-        let extents = data_extents(r.file, r.size).map_err(src_err)?;
+        let extents = if is_sparse(md) {
+            data_extents(r.file, r.size).map_err(src_err)?
+        } else {
+            vec![(0, r.size)]
+        };
         let sparse = extents.iter().map(|e| e.1).sum::<u64>() < r.size;
         let (tree, signature) = if r.size <= INLINE_MAX {
             let data = r.all().map_err(src_err)?;
@@ -559,12 +570,7 @@ impl<W: Write> Writing<'_, '_, W> {
     ) -> Result<Sent, PushError> {
         let src_err = |e| PushError::Other(format!("reading {path} from the source: {e}"));
         // A delta's result is written whole: a sparse file goes as extents.
-        let sparse = data_extents(r.file, r.size)
-            .map_err(src_err)?
-            .iter()
-            .map(|e| e.1)
-            .sum::<u64>()
-            < r.size;
+        let sparse = is_sparse(md);
         let signature = copy
             .usable_signature()
             .filter(|_| r.size <= MAX_DIFF_INPUT && !sparse);

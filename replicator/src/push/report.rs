@@ -55,6 +55,10 @@ pub struct PushReport {
     pub commit_window_us: u64,
     /// The whole push, in milliseconds.
     pub elapsed_ms: u64,
+    /// Of which the replica spent reading the batch and staging it (while
+    /// the source is read), and making it durable.
+    pub staging_ms: u64,
+    pub sync_ms: u64,
     /// Nothing was applied: the batch was only planned.
     pub dry_run: bool,
     /// Metadata the replica could not set (reported, not fatal).
