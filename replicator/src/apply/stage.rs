@@ -461,7 +461,7 @@ impl<'a> Stager<'a> {
     /// A new staged entry's number and name (making its bucket first).
     fn new_id(&mut self) -> Result<(u32, CString), ApplyError> {
         let id = self.next_id;
-        if id % STAGING_BUCKET == 0 {
+        if id.is_multiple_of(STAGING_BUCKET) {
             match mkdirat(
                 self.staging,
                 staged_bucket(id).as_c_str(),
@@ -579,7 +579,7 @@ impl<'a> Stager<'a> {
         fchmod(file.as_fd(), Mode::from_bits_retain(mode))
             .map_err(|e| self.errno("setting the mode", e))?;
         self.to_sync
-            .add(&file)
+            .add(file)
             .map_err(|e| self.io("keeping the file to sync", e))?;
         let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| self.errno("fstat", e))?;
         self.install(p, id, &st);
