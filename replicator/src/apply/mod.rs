@@ -102,7 +102,7 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::sys::stat::Mode;
 
-use crate::batch::{ANY_REPLICA, BatchError, BatchReader, validate};
+use crate::batch::{ANY_REPLICA, BatchError, BatchReader, OpSource, validate};
 use commit::{CommitLog, Entry, Step};
 use durable::PendingSync;
 use fsops::{Root, describe, fsync_dir};
@@ -701,9 +701,9 @@ pub fn apply<R: Read>(
 /// embedded in a protocol stream: [`BatchReader::in_stream`]). A batch
 /// that is skipped as already applied is left unread: the caller drains
 /// or drops the stream.
-pub fn apply_from<R: Read>(
+pub fn apply_from(
     replica_root: &Path,
-    reader: &mut BatchReader<R>,
+    reader: &mut impl OpSource,
     options: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
     let rep = Replica::open(replica_root)?;

@@ -42,7 +42,7 @@ use super::durable::PendingSync;
 use super::fsops::{Kind, Root, describe};
 use super::tree_cache::{Recorded, TreeCache};
 use crate::batch::limits::delta_output_limit;
-use crate::batch::{BatchReader, Hash, NodeKind, Op, RelPath, Timestamp, WriteRange};
+use crate::batch::{Hash, OpSource, NodeKind, Op, RelPath, Timestamp, WriteRange};
 use crate::tree::{ContentTree, LEAF, TreeBuilder, leaves_of};
 
 /// What a path holds at a point of the batch.
@@ -281,7 +281,7 @@ impl<'a> Stager<'a> {
 
     /// Reads every operation and stages it; returns the steps once the
     /// batch's trailer has been verified.
-    pub fn run<R: Read>(mut self, reader: &mut BatchReader<R>) -> Result<Staged, ApplyError> {
+    pub fn run(mut self, reader: &mut impl OpSource) -> Result<Staged, ApplyError> {
         while let Some(op) = reader.next_op()? {
             self.index = reader.stats().ops;
             self.op = op.name();

@@ -25,6 +25,7 @@
 mod content;
 mod error;
 mod frame;
+mod local;
 mod op;
 mod path;
 mod reader;
@@ -37,6 +38,7 @@ mod tests;
 pub use content::{Chunk, Content, ContentError, Extent};
 pub use error::{BatchError, BatchErrorKind, Part};
 pub use frame::FrameKind;
+pub use local::{LocalReceiver, LocalSender, OpSink, OpSource, local};
 pub use op::{Hash, NodeKind, Op, OpError, Timestamp, WriteRange};
 pub use path::{PathError, RelPath};
 pub use reader::{BatchReader, BatchStats, Validated, validate};

@@ -9,9 +9,11 @@
 //! 2. The tree at `from` and the records of `(from, to]` (the journal keeps
 //!    both from the previous push, so this costs what changed), their
 //!    changeset, and its namespace steps (`journal::Changeset`).
-//! 3. `plan` writes the batch while the applier, on another thread, reads
-//!    it from a pipe and stages it: the batch is never held whole in memory
-//!    or on disk. The applier commits only after the batch's trailer.
+//! 3. `plan` makes the batch's operations while the applier, on another
+//!    thread, stages them (`batch::local`: in process, the operations are
+//!    handed over as values, not encoded): the batch is never held whole in
+//!    memory or on disk. The applier commits only once the batch is
+//!    complete.
 //! 4. A base that does not match on the replica (its copy was changed
 //!    behind ferry's back) stops the apply before anything is visible; the
 //!    file is then sent with full content and the batch made again.
@@ -27,20 +29,17 @@ mod source;
 pub use report::{Progress, PushError, PushOptions, PushReport};
 
 use std::collections::{HashMap, HashSet};
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use journal::{Changeset, FileId, Journal, NsStep, Seq};
 
 use crate::apply::{self, ApplyError, ApplyOptions, ApplyReport};
-use crate::batch::{ANY_REPLICA, BatchHeader, BatchWriter};
+use crate::batch::{self, ANY_REPLICA, BatchHeader, BatchWriter};
 use cache::ReplicaCopy;
 use plan::{Plan, Written};
 use source::Source;
-
-/// Pipe buffer between the batch writer and the applier.
-const PIPE_BUFFER: usize = 1 << 20;
 
 /// Pushes everything the journal recorded that `replica` has not applied:
 /// plans one batch from the journal (renames as renames, changed ranges,
@@ -147,7 +146,7 @@ pub fn push(
         let attempt = if opts.dry_run {
             dry_run(&plan, header.clone(), progress).map(|(w, b)| (w, b, None))
         } else {
-            apply_streamed(&plan, header.clone(), replica, progress)
+            apply_local(&plan, header.clone(), replica, progress)
                 .map(|(w, b, a)| (w, b, Some(a)))
         };
         match attempt {
@@ -244,33 +243,35 @@ fn batch_err(e: crate::batch::BatchError) -> PushError {
     PushError::Other(format!("writing the batch: {e}"))
 }
 
-/// Writes the batch into a pipe that the applier, on its own thread, reads.
-fn apply_streamed(
+/// Hands the batch's operations to the applier on its own thread, which
+/// stages them as they come and commits once the batch is complete.
+fn apply_local(
     plan: &Plan<'_>,
     header: BatchHeader,
     replica: &Path,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Written, u64, ApplyReport), Attempt> {
-    let (reader, writer) = io::pipe().map_err(|e| PushError::Other(format!("pipe: {e}")))?;
+    let (mut sender, mut receiver) = batch::local(header);
     std::thread::scope(|scope| {
         let applier = std::thread::Builder::new()
             .name("ferry-apply".into())
             .spawn_scoped(scope, move || {
-                apply::apply(
-                    replica,
-                    BufReader::with_capacity(PIPE_BUFFER, reader),
-                    &ApplyOptions::default(),
-                )
+                apply::apply_from(replica, &mut receiver, &ApplyOptions::default())
             })
             .map_err(|e| PushError::Other(format!("starting the applier: {e}")))?;
-        let wrote = write_batch(
-            plan,
-            header,
-            BufWriter::with_capacity(PIPE_BUFFER, writer),
-            progress,
-        );
-        // The pipe's write end is closed by now (dropped with the writer),
-        // so the applier sees the end of the batch whatever happened.
+        // Either way the sender is gone before the join: finished, or
+        // dropped so that the applier sees the batch end early and commits
+        // nothing.
+        let wrote = match plan.write(&mut sender, progress) {
+            Ok(written) => sender
+                .finish()
+                .map(|bytes| (written, bytes))
+                .map_err(batch_err),
+            Err(e) => {
+                drop(sender);
+                Err(e)
+            }
+        };
         let applied = applier
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
@@ -287,24 +288,12 @@ fn apply_streamed(
                     )))),
                 }
             }
-            // The applier stopped first (the writer then met a closed pipe).
-            (_, Err(e)) => Err(Attempt::Failed(PushError::Apply {
+            // The planner failed first: its error is the cause.
+            (Err(e), _) => Err(Attempt::Failed(e)),
+            (Ok(_), Err(e)) => Err(Attempt::Failed(PushError::Apply {
                 replica: replica.to_path_buf(),
                 source: e,
             })),
-            (Err(e), Ok(_)) => Err(e),
         }
     })
-}
-
-fn write_batch<W: Write>(
-    plan: &Plan<'_>,
-    header: BatchHeader,
-    w: W,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<(Written, u64), Attempt> {
-    let mut out = BatchWriter::new(w, header).map_err(batch_err)?;
-    let written = plan.write(&mut out, progress)?;
-    let (_, summary) = out.finish().map_err(batch_err)?;
-    Ok((written, summary.bytes))
 }

@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, Metadata};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
@@ -38,7 +38,7 @@ use super::cache::{ReplicaCopy, SignatureBuilder, cached_size};
 use super::report::{Progress, PushError};
 use super::source::{Source, data_extents};
 use crate::batch::{
-    BatchWriter, Chunk, Content, Extent, Hash, NodeKind, Op, RelPath, Timestamp, WriteRange,
+    Chunk, OpSink, Content, Extent, Hash, NodeKind, Op, RelPath, Timestamp, WriteRange,
     limits::{MAX_CHUNK_LEN, delta_output_limit},
 };
 use crate::tree::{ContentTree, LEAF, leaf_count, leaf_span, leaves_of};
@@ -186,9 +186,9 @@ impl Reading<'_> {
 
 impl Plan<'_> {
     /// Writes every operation of the batch to `out`.
-    pub fn write<W: Write>(
+    pub fn write(
         &self,
-        out: &mut BatchWriter<W>,
+        out: &mut impl OpSink,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Written, PushError> {
         let mut w = Writing {
@@ -238,9 +238,9 @@ impl Plan<'_> {
     }
 }
 
-struct Writing<'p, 'o, W: Write> {
+struct Writing<'p, 'o, S: OpSink> {
     plan: &'p Plan<'p>,
-    out: &'o mut BatchWriter<W>,
+    out: &'o mut S,
     done: Written,
     progress: Progress,
     report: &'o mut dyn FnMut(Progress),
@@ -252,16 +252,16 @@ struct Writing<'p, 'o, W: Write> {
     full_metadata: HashSet<FileId>,
 }
 
-impl<W: Write> Writing<'_, '_, W> {
-    fn push(&mut self, op: &Op) -> Result<(), PushError> {
+impl<S: OpSink> Writing<'_, '_, S> {
+    fn push(&mut self, op: Op) -> Result<(), PushError> {
         self.out
-            .push(op)
+            .send(op)
             .map_err(|e| PushError::Other(format!("writing the batch: {e}")))
     }
 
     /// Notes that the next operation carries the content of `id`.
     fn owns_next(&mut self, id: FileId) {
-        self.done.owners.push((self.out.ops_written() + 1, id));
+        self.done.owners.push((self.out.ops_sent() + 1, id));
     }
 
     fn source_err(&self, rel: &Path) -> impl Fn(io::Error) -> PushError + '_ {
@@ -313,20 +313,20 @@ impl<W: Write> Writing<'_, '_, W> {
                 self.done.files_created += 1;
                 self.create(*id, *kind, &rel(path)?, *replaced)
             }
-            NsStep::Link { existing, new, .. } => self.push(&Op::Link {
+            NsStep::Link { existing, new, .. } => self.push(Op::Link {
                 existing: rel(existing)?,
                 new: rel(new)?,
             }),
             NsStep::Rename { from, to, .. } => {
                 self.done.renames += 1;
-                self.push(&Op::Rename {
+                self.push(Op::Rename {
                     from: rel(from)?,
                     to: rel(to)?,
                     exchange: false,
                 })
             }
-            NsStep::Unlink { path, .. } => self.push(&Op::Unlink { path: rel(path)? }),
-            NsStep::Rmdir { path, .. } => self.push(&Op::Rmdir { path: rel(path)? }),
+            NsStep::Unlink { path, .. } => self.push(Op::Unlink { path: rel(path)? }),
+            NsStep::Rmdir { path, .. } => self.push(Op::Rmdir { path: rel(path)? }),
         }
     }
 
@@ -389,7 +389,7 @@ impl<W: Write> Writing<'_, '_, W> {
                 }
             }
         };
-        self.push(&op)
+        self.push(op)
     }
 
     /// Opens the file `id` as it is now, under a freeze when live, and runs
@@ -456,7 +456,7 @@ impl<W: Write> Writing<'_, '_, W> {
             // the next push removes it.
             None => {
                 self.owns_next(id);
-                self.push(&Op::CreateFile {
+                self.push(Op::CreateFile {
                     path: path.clone(),
                     mode: 0o600,
                     content: Content::Raw(Vec::new()),
@@ -508,7 +508,7 @@ impl<W: Write> Writing<'_, '_, W> {
                 Content::Raw(data)
             };
             self.owns_next(id);
-            self.push(&Op::CreateFile {
+            self.push(Op::CreateFile {
                 path: path.clone(),
                 mode: perm(md),
                 content,
@@ -518,7 +518,7 @@ impl<W: Write> Writing<'_, '_, W> {
         } else {
             let (tree, signature) = r.summarize().map_err(src_err)?;
             self.owns_next(id);
-            self.push(&Op::BeginFile {
+            self.push(Op::BeginFile {
                 path: path.clone(),
                 mode: perm(md),
                 size: r.size,
@@ -532,11 +532,11 @@ impl<W: Write> Writing<'_, '_, W> {
                     buf.resize(n as usize, 0);
                     r.at(&mut buf, at).map_err(src_err)?;
                     let data = self.chunk(&buf);
-                    self.push(&Op::FileData { offset: at, data })?;
+                    self.push(Op::FileData { offset: at, data })?;
                     at += n;
                 }
             }
-            self.push(&Op::EndFile)?;
+            self.push(Op::EndFile)?;
             (tree, signature.filter(|_| r.size <= MAX_DIFF_INPUT))
         };
         self.remember(id, tree, signature);
@@ -609,7 +609,7 @@ impl<W: Write> Writing<'_, '_, W> {
                 result: tree.root(),
             }
         };
-        self.push(&op)?;
+        self.push(op)?;
         self.remember(id, tree, Some(signature.finish()));
         Ok(Sent::Delta)
     }
@@ -643,7 +643,7 @@ impl<W: Write> Writing<'_, '_, W> {
                 .after
                 .edge_path(parent, &name)
                 .ok_or_else(|| PushError::Other(format!("file {id} has no path")))?;
-            self.push(&Op::Unlink { path: rel(&p)? })?;
+            self.push(Op::Unlink { path: rel(&p)? })?;
             self.touched_parents.insert(parent);
         }
         self.full_metadata.insert(id);
@@ -659,7 +659,7 @@ impl<W: Write> Writing<'_, '_, W> {
                 .edge_path(parent, &name)
                 .ok_or_else(|| PushError::Other(format!("file {id} has no path")))?)?;
             if p != *first {
-                self.push(&Op::Link {
+                self.push(Op::Link {
                     existing: first.clone(),
                     new: p,
                 })?;
@@ -773,7 +773,7 @@ impl<W: Write> Writing<'_, '_, W> {
             .map_err(src_err)?;
         let signature = copy.patched_signature(size, &writes);
         self.owns_next(id);
-        self.push(&Op::WriteRanges {
+        self.push(Op::WriteRanges {
             path: path.clone(),
             ranges: writes,
             base: copy.tree.root(),
@@ -810,14 +810,14 @@ impl<W: Write> Writing<'_, '_, W> {
         let m = change.map(|c| &c.metadata);
         let symlink = md.file_type().is_symlink();
         if full || m.is_some_and(|m| m.owner) {
-            self.push(&Op::Chown {
+            self.push(Op::Chown {
                 path: path.clone(),
                 uid: md.uid(),
                 gid: md.gid(),
             })?;
         }
         if !symlink && (full || m.is_some_and(|m| m.mode || m.owner)) {
-            self.push(&Op::Chmod {
+            self.push(Op::Chmod {
                 path: path.clone(),
                 mode: perm(&md),
             })?;
@@ -829,7 +829,7 @@ impl<W: Write> Writing<'_, '_, W> {
                 .xattrs(&src)
                 .map_err(self.source_err(&src))?
             {
-                self.push(&Op::SetXattr {
+                self.push(Op::SetXattr {
                     path: path.clone(),
                     name,
                     value,
@@ -853,11 +853,11 @@ impl<W: Write> Writing<'_, '_, W> {
                         name: name.0.clone(),
                     },
                 };
-                self.push(&op)?;
+                self.push(op)?;
             }
         }
         if full || times || m.is_some_and(|m| m.times) {
-            self.push(&Op::Utimes {
+            self.push(Op::Utimes {
                 path,
                 atime: time(md.atime(), md.atime_nsec()),
                 mtime: time(md.mtime(), md.mtime_nsec()),
