@@ -5,7 +5,8 @@
 //!
 //! - `applied`: the applied sequence number, the source id and the
 //!   replica id (replaced atomically: temp file, fsync, rename, fsync);
-//! - `staging/`: new entries of the batch being applied, named by number;
+//! - `staging/`: new entries of the batch being applied, named by number,
+//!   in buckets of 4,096 (`staging/<n / 4096>/<n>`);
 //! - `commit/log`: the steps of a batch whose metadata phase has begun,
 //!   and `commit/step.N`: an empty file whose name counts the steps done;
 //! - `trees/`: the tree cache, the content tree of each large replica file
@@ -22,8 +23,12 @@
 //!    against a model of the replica at that point of the batch (see
 //!    `stage`); build every new entry (files with their final content and
 //!    mode, delta results verified against base and result hashes,
-//!    directories, symlinks, special files) in `staging/`, fsync each file
-//!    and then `staging/`. In-place writes and truncations are checked
+//!    directories, symlinks, special files) in `staging/`. Metadata the
+//!    batch gives an entry that is still in staging (owner, mode, xattrs,
+//!    and, at the end of staging, a non-directory's times) is set on it
+//!    there: its install carries it. Then the staged files are made durable
+//!    (`durable`: one by one when few, by one syncfs when many) and
+//!    `staging/` and its buckets are fsynced. In-place writes and truncations are checked
 //!    against their base and result hashes (through content trees: see
 //!    below) and kept for the log. Only once the trailer has been verified
 //!    does anything go further: a damaged or refused batch leaves the
@@ -35,31 +40,39 @@
 //!    order — installs of staged entries by rename, renames, links,
 //!    unlinks, rmdirs, in-place writes and truncations, content copied
 //!    into multiply-linked files, chmod, chown, utimes and xattrs — each
-//!    followed by a crash point and then by renaming `step.i` to
-//!    `step.i+1`; then every utimes again, so that directory times changed
-//!    by later entries end as the batch says. Then syncfs, and the tree
-//!    cache is brought up to date (no crash point: it is only a cache).
+//!    followed by a crash point and, for every step but an install, by
+//!    moving the marker `step.N` to count it (installs move it only every
+//!    1,024 steps); then every utimes again, so that directory times
+//!    changed by later entries end as the batch says. Then the files changed
+//!    in place are fsynced and so is `staging/` (on the journaling
+//!    filesystems ferry relies on, that commits every rename and metadata
+//!    change made so far; a changed file no longer where the log left it
+//!    means one syncfs instead), and the tree cache is brought up to date
+//!    (no crash point: it is only a cache).
 //! 5. Write `applied` (crash point), remove the marker and `commit/log`
 //!    and fsync `commit/` (crash point), empty `staging/` (crash point).
 //!
 //! A crash anywhere rolls forward: the next [`apply`] or [`recover`] finds
-//! `commit/log` and runs the steps from the marker on. The step right at
-//! the marker may have been done (a crash between it and the marker's
-//! move): it acts only if its path still holds the inode it recorded (or,
-//! for an install, if the staged entry is still in `staging/`), which is
-//! exact because no later step has run. (Checking identity alone for every
+//! `commit/log` and runs the steps from the marker on. Past the marker,
+//! installs may have been done, and at most one other step (a crash
+//! between it and the marker's move). An install acts only if its staged
+//! entry is still in `staging/`, which is exact whatever ran after it. The
+//! other step acts only if its path still holds the inode it recorded,
+//! which is exact because no later non-install step has run. (Checking identity alone for every
 //! step would not be: after `rename a b; rename b a; rename a b`, replaying
 //! the first again would find `a` free but the second would find `b`
 //! holding the inode again.) Applying the same batch twice is a no-op (its
 //! `to_seq` is already applied).
 //!
-//! Durability: staged content, the log and `applied` are fsynced; the
+//! Durability: staged content, the log and `applied` are made durable; the
 //! marker's renames are not, and rely on the filesystem journaling
 //! metadata in order (ext4, xfs, btrfs), so that it is never ahead of the
 //! renames it counts. In-place writes of the commit window are not fsynced
 //! before the marker passes them: a power failure (not a killed process)
-//! inside the commit window can lose them. The syncfs before `applied` makes
-//! the whole batch durable.
+//! inside the commit window can lose them. The sync before `applied` makes
+//! the whole batch durable. It never waits for the whole filesystem when
+//! the batch is small: syncfs would also wait for gigabytes other programs
+//! left dirty.
 //!
 //! Every path is resolved beneath the replica root without following a
 //! symlink (see `fsops`): a batch cannot read or write outside the root.
@@ -71,7 +84,7 @@
 //! trusted only while the file's fstat (inode, size, mtime, ctime) is what
 //! it was when the entry was written, so a change behind ferry's back
 //! invalidates it, and the file is then read in full, as it is when it has
-//! no entry. After the syncfs of step 4 the applier removes the entries of
+//! no entry. After the sync of step 4 the applier removes the entries of
 //! inodes the batch unlinked or replaced and writes those of the files
 //! whose content it set (new files, delta results, files changed in place)
 //! larger than one leaf, from the trees staging built. A commit rolled

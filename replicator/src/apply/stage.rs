@@ -42,7 +42,7 @@ use super::durable::PendingSync;
 use super::fsops::{Kind, Root, describe};
 use super::tree_cache::{Recorded, TreeCache};
 use crate::batch::limits::delta_output_limit;
-use crate::batch::{Hash, OpSource, NodeKind, Op, RelPath, Timestamp, WriteRange};
+use crate::batch::{Hash, NodeKind, Op, OpSource, RelPath, Timestamp, WriteRange};
 use crate::tree::{ContentTree, LEAF, TreeBuilder, leaves_of};
 
 /// What a path holds at a point of the batch.
@@ -144,6 +144,7 @@ pub struct Staged {
 /// The streamed file being received (`BeginFile` .. `EndFile`).
 struct Streamed {
     file: File,
+    content: Hashed,
     path: RelPath,
     id: u32,
     size: u64,
@@ -187,6 +188,63 @@ pub struct Stager<'a> {
     /// Staged entries whose install takes a replica file's metadata
     /// (which would undo metadata set on them during staging).
     takes_meta_at_commit: HashSet<u32>,
+}
+
+/// Zeros to hash for the holes of content written piece by piece.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// The tree of a staged file's content, hashed as its pieces are written
+/// in increasing offsets (the gaps between them are holes, hashed as
+/// zeros), so that the file is not read back.
+#[derive(Default)]
+struct Hashed {
+    tree: TreeBuilder,
+    at: u64,
+    /// A piece came before the end of an earlier one: read it back.
+    out_of_order: bool,
+}
+
+impl Hashed {
+    fn piece(&mut self, offset: u64, data: &[u8]) {
+        if offset < self.at {
+            self.out_of_order = true;
+            return;
+        }
+        self.fill_to(offset);
+        self.tree.update(data);
+        self.at = offset + data.len() as u64;
+    }
+
+    fn fill_to(&mut self, offset: u64) {
+        while self.at < offset {
+            let n = (offset - self.at).min(ZEROS.len() as u64);
+            self.tree.update(&ZEROS[..n as usize]);
+            self.at += n;
+        }
+    }
+
+    /// The tree of content of `size` bytes; `None` if it must be read back.
+    fn finish(mut self, size: u64) -> Option<ContentTree> {
+        if self.out_of_order || self.at > size {
+            return None;
+        }
+        self.fill_to(size);
+        Some(self.tree.finish())
+    }
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` of `file` back
+/// to disk, without waiting. Only a hint: failures are ignored.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    // SAFETY: sync_file_range on a descriptor we own; no memory is passed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
 }
 
 /// How far in-place changes may grow a file: a replica file in one batch,
@@ -546,7 +604,9 @@ impl<'a> Stager<'a> {
     }
 
     /// Sizes the staged file whose data has been written, checks its
-    /// content against `result`, and installs it at `p`.
+    /// content (whose tree is `tree`, hashed as it was written, or `None`
+    /// to read it back) against `result`, and installs it at `p`.
+    #[allow(clippy::too_many_arguments)]
     fn finish_file(
         &mut self,
         p: &RelPath,
@@ -555,11 +615,17 @@ impl<'a> Stager<'a> {
         size: u64,
         mode: u32,
         result: Hash,
+        tree: Option<ContentTree>,
     ) -> Result<(), ApplyError> {
-        file.set_len(size)
-            .map_err(|e| self.io("sizing the staged file", e))?;
-        let tree = ContentTree::build(size, |i, buf| file.read_exact_at(buf, i * LEAF))
-            .map_err(|e| self.io("rereading", e))?;
+        if file.metadata().map_err(|e| self.io("stat", e))?.len() != size {
+            file.set_len(size)
+                .map_err(|e| self.io("sizing the staged file", e))?;
+        }
+        let tree = match tree {
+            Some(t) => t,
+            None => ContentTree::build(size, |i, buf| file.read_exact_at(buf, i * LEAF))
+                .map_err(|e| self.io("rereading", e))?,
+        };
         if tree.root() != result {
             return Err(self.err("the content does not match its result hash"));
         }
@@ -639,10 +705,16 @@ impl<'a> Stager<'a> {
             } => {
                 self.check_new(&path, false)?;
                 let (id, file) = self.create_staged_file()?;
+                let mut hashed = Hashed::default();
                 content
-                    .for_each_piece(|off, piece| file.write_all_at(piece, off))
+                    .for_each_piece(|off, piece| {
+                        file.write_all_at(piece, off)?;
+                        hashed.piece(off, piece);
+                        Ok(())
+                    })
                     .map_err(|e| self.err(format!("writing the staged file: {e}")))?;
-                self.finish_file(&path, id, file, content.size(), mode, result)?;
+                let tree = hashed.finish(content.size());
+                self.finish_file(&path, id, file, content.size(), mode, result, tree)?;
             }
             Op::BeginFile {
                 path,
@@ -654,6 +726,7 @@ impl<'a> Stager<'a> {
                 let (id, file) = self.create_staged_file()?;
                 self.streamed = Some(Streamed {
                     file,
+                    content: Hashed::default(),
                     path,
                     id,
                     size,
@@ -663,17 +736,26 @@ impl<'a> Stager<'a> {
                 });
             }
             Op::FileData { offset, data } => {
-                let s = self.streamed.as_ref().expect("the reader checks the order");
+                let mut s = self.streamed.take().expect("the reader checks the order");
                 self.path = s.path.clone();
-                data.for_each_piece(offset, |off, piece| s.file.write_all_at(piece, off))
-                    .map_err(|e| self.err(format!("writing the staged file: {e}")))?;
+                let written = data.for_each_piece(offset, |off, piece| {
+                    s.file.write_all_at(piece, off)?;
+                    s.content.piece(off, piece);
+                    Ok(())
+                });
+                // Start writing it back now: the sync before the commit
+                // then has less to wait for.
+                start_writeback(&s.file, offset, data.len());
+                self.streamed = Some(s);
+                written.map_err(|e| self.err(format!("writing the staged file: {e}")))?;
             }
             Op::EndFile => {
                 let s = self.streamed.take().expect("the reader checks the order");
                 self.path = s.path.clone();
                 self.index = s.index;
                 self.check_new(&s.path, false)?;
-                self.finish_file(&s.path, s.id, s.file, s.size, s.mode, s.result)?;
+                let tree = s.content.finish(s.size);
+                self.finish_file(&s.path, s.id, s.file, s.size, s.mode, s.result, tree)?;
             }
             Op::Link { existing, new } => {
                 let n = self.need(&existing)?;

@@ -81,8 +81,8 @@ const IN_FLIGHT: usize = 16;
 /// from the second.
 pub fn local(header: BatchHeader) -> (LocalSender, LocalReceiver) {
     let (tx, rx) = crossbeam_channel::bounded(IN_FLIGHT);
-    let header_bytes = (MAGIC.len() + 4) as u64
-        + frame_len(postcard::to_stdvec(&header).map_or(0, |v| v.len()));
+    let header_bytes =
+        (MAGIC.len() + 4) as u64 + frame_len(postcard::to_stdvec(&header).map_or(0, |v| v.len()));
     (
         LocalSender {
             tx,
@@ -151,7 +151,9 @@ impl OpSink for LocalSender {
         let payload = postcard::serialize_with_flavor(&op, postcard::ser_flavors::Size::default())
             .expect("an op always serializes");
         self.content_bytes = self.content_bytes.saturating_add(op.data_len());
-        self.tx.send(Msg::Op(op)).map_err(|_| gone(self.bytes, part))?;
+        self.tx
+            .send(Msg::Op(op))
+            .map_err(|_| gone(self.bytes, part))?;
         self.ops += 1;
         self.bytes += frame_len(payload);
         Ok(())

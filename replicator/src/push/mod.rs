@@ -146,8 +146,7 @@ pub fn push(
         let attempt = if opts.dry_run {
             dry_run(&plan, header.clone(), progress).map(|(w, b)| (w, b, None))
         } else {
-            apply_local(&plan, header.clone(), replica, progress)
-                .map(|(w, b, a)| (w, b, Some(a)))
+            apply_local(&plan, header.clone(), replica, progress).map(|(w, b, a)| (w, b, Some(a)))
         };
         match attempt {
             Ok(done) => break done,

@@ -38,7 +38,7 @@ use super::cache::{ReplicaCopy, SignatureBuilder, cached_size};
 use super::report::{Progress, PushError};
 use super::source::{Source, data_extents};
 use crate::batch::{
-    Chunk, OpSink, Content, Extent, Hash, NodeKind, Op, RelPath, Timestamp, WriteRange,
+    Chunk, Content, Extent, Hash, NodeKind, Op, OpSink, RelPath, Timestamp, WriteRange,
     limits::{MAX_CHUNK_LEN, delta_output_limit},
 };
 use crate::tree::{ContentTree, LEAF, leaf_count, leaf_span, leaves_of};
@@ -816,7 +816,14 @@ impl<S: OpSink> Writing<'_, '_, S> {
                 gid: md.gid(),
             })?;
         }
-        if !symlink && (full || m.is_some_and(|m| m.mode || m.owner)) {
+        // A new entry got its mode when it was made; only set-ID bits,
+        // which the chown before clears, need setting again.
+        let chmod = if full {
+            id == FileId::ROOT || perm(&md) & 0o6000 != 0
+        } else {
+            m.is_some_and(|m| m.mode || m.owner)
+        };
+        if !symlink && chmod {
             self.push(Op::Chmod {
                 path: path.clone(),
                 mode: perm(&md),
