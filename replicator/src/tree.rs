@@ -30,6 +30,11 @@ pub fn leaf_count(size: u64) -> u64 {
     size.div_ceil(LEAF)
 }
 
+/// The chaining values a tree of content of `size` bytes keeps.
+fn stored_leaves(size: u64) -> u64 {
+    if size <= LEAF { 0 } else { leaf_count(size) }
+}
+
 /// Offset and length of leaf `index` in content of `size` bytes.
 pub fn leaf_span(index: u64, size: u64) -> (u64, usize) {
     let start = index * LEAF;
@@ -45,7 +50,9 @@ pub fn leaves_of(offset: u64, len: u64, size: u64) -> std::ops::Range<u64> {
     offset / LEAF..end.div_ceil(LEAF)
 }
 
-/// A content's size, its blake3 hash, and the chaining value of each leaf.
+/// A content's size, its blake3 hash, and the chaining value of each leaf
+/// (none for content of at most one leaf: its root is hashed from its bytes,
+/// which any change rereads anyway).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ContentTree {
     size: u64,
@@ -110,9 +117,10 @@ impl ContentTree {
         for i in 0..leaf_count(size) {
             let (_, len) = leaf_span(i, size);
             read_leaf(i, &mut buf[..len])?;
-            tree.leaves.push(leaf_cv(i, &buf[..len]));
             if size <= LEAF {
                 single = Some(Hash::of(&buf[..len]));
+            } else {
+                tree.leaves.push(leaf_cv(i, &buf[..len]));
             }
         }
         tree.root = match single {
@@ -146,22 +154,29 @@ impl ContentTree {
         }
         if count == 1 {
             redo.insert(0);
+        } else {
+            // Content of one leaf kept no chaining value.
+            redo.extend(leaves.len() as u64..count);
         }
         let mut buf = vec![0u8; LEAF as usize];
         let mut single = None;
         for i in redo {
             let (_, len) = leaf_span(i, new_size);
             read_leaf(i, &mut buf[..len])?;
+            if count == 1 {
+                single = Some(Hash::of(&buf[..len]));
+                continue;
+            }
             let cv = leaf_cv(i, &buf[..len]);
             match leaves.get_mut(i as usize) {
                 Some(l) => *l = cv,
                 None => leaves.push(cv),
             }
-            if count == 1 {
-                single = Some(Hash::of(&buf[..len]));
-            }
         }
-        debug_assert_eq!(leaves.len() as u64, count);
+        if count <= 1 {
+            leaves.clear();
+        }
+        debug_assert_eq!(leaves.len() as u64, stored_leaves(new_size));
         let mut tree = ContentTree {
             size: new_size,
             root: Hash::of(&[]),
@@ -215,7 +230,7 @@ impl ContentTree {
         let size = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
         let root = Hash(b.get(8..40)?.try_into().ok()?);
         let rest = &b[40..];
-        if rest.len() as u64 != leaf_count(size).checked_mul(32)? {
+        if rest.len() as u64 != stored_leaves(size).checked_mul(32)? {
             return None;
         }
         let leaves = rest
