@@ -252,3 +252,116 @@ fn pushes_while_a_writer_runs_converge_once_it_stops() {
     pair.push();
     pair.converged().unwrap();
 }
+
+/// A tree of a few hundred files in directories, and two larger files.
+fn fill_many(s: &Path) {
+    for d in 0..18 {
+        let dir = s.join(format!("d{d}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in 0..30 {
+            std::fs::write(dir.join(format!("f{f}")), format!("{d}/{f}").repeat(40)).unwrap();
+        }
+    }
+    std::fs::write(s.join("big1"), big(3 << 20)).unwrap();
+    std::fs::write(s.join("big2"), big(2 << 20)).unwrap();
+}
+
+/// Round `r`'s changes: renames, edits, new and removed files, a mode.
+fn mutate(mnt: &Path, r: usize) {
+    std::fs::rename(mnt.join(format!("d{r}")), mnt.join(format!("moved{r}"))).unwrap();
+    std::fs::remove_file(mnt.join(format!("d{}/f3", r + 1))).unwrap();
+    std::fs::create_dir(mnt.join(format!("new{r}"))).unwrap();
+    for f in 0..20 {
+        std::fs::write(
+            mnt.join(format!("new{r}/n{f}")),
+            format!("round {r} file {f}"),
+        )
+        .unwrap();
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big1"))
+        .unwrap();
+    f.write_all_at(&[r as u8; 5000], 1_000_000 + r as u64 * 70_000)
+        .unwrap();
+    std::fs::write(mnt.join("big2"), big((2 << 20) + r)).unwrap();
+    crate::util::chmod(&mnt.join(format!("d{}/f5", r + 2)), 0o600);
+}
+
+fn equal(a: &Path, b: &Path) -> bool {
+    ferry([OsStr::new("verify"), a.as_os_str(), b.as_os_str()]).ok()
+}
+
+/// A push killed (SIGKILL) at a random moment leaves the replica as it was
+/// or, only while a commit is under way (its commit log exists), part way
+/// through the commit; the next push finishes it and converges.
+#[test]
+fn a_push_killed_at_any_moment_rolls_forward() {
+    let pair = Pair::new(fill_many);
+    pair.push();
+    let before = pair.tm.path("before");
+    let commit_log = pair.tm.path(".replica.ferry").join("commit/log");
+    let mut rng = crate::util::Rng::new(7);
+    let (mut mid_commit, mut untouched, mut done) = (0, 0, 0);
+    for round in 0..16 {
+        mutate(&pair.tm.mnt, round);
+        // cp -a keeps nanosecond times (rsync sets a directory's only when
+        // the seconds differ).
+        let _ = std::fs::remove_dir_all(&before);
+        let copy = run(Command::new("cp").arg("-a").arg(&pair.replica).arg(&before));
+        assert!(copy.ok(), "{copy:#?}");
+        pair.tm.umount();
+        let offline = |cmd: &mut Command| {
+            cmd.arg("push")
+                .arg("--state")
+                .arg(&pair.tm.state)
+                .arg("--source")
+                .arg(&pair.tm.source)
+                .arg(&pair.replica);
+        };
+        let mut cmd = Command::new(crate::util::ferry_bin());
+        offline(&mut cmd);
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ferry push");
+        // The moment of the kill: the fault this test injects, not a wait
+        // for anything.
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(50)));
+        let _ = child.kill();
+        let _ = child.wait();
+        if commit_log.exists() {
+            mid_commit += 1;
+        } else if equal(&before, &pair.replica) {
+            untouched += 1;
+        } else {
+            let diff = |a: &Path| {
+                let o = ferry([
+                    OsStr::new("verify"),
+                    a.as_os_str(),
+                    pair.replica.as_os_str(),
+                ]);
+                o.stdout
+            };
+            assert!(
+                equal(&pair.tm.source, &pair.replica),
+                "round {round}: killed outside a commit, the replica is neither as before ({}) nor as the source ({})",
+                diff(&before),
+                diff(&pair.tm.source)
+            );
+            done += 1;
+        }
+        let mut cmd = Command::new(crate::util::ferry_bin());
+        offline(&mut cmd);
+        let out = run(&mut cmd);
+        assert!(
+            out.ok(),
+            "round {round}: the push after the kill failed: {out:#?}"
+        );
+        pair.converged()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        pair.tm.mount();
+    }
+    eprintln!("killed: {mid_commit} mid-commit, {untouched} before it, {done} after it");
+}

@@ -62,6 +62,9 @@ pub fn push(
         source,
     };
     let journal_id = journal.journal_id()?;
+    // A commit an earlier push left half done (it was killed) is finished
+    // first: the replica's sequence number is the one after it.
+    apply::recover(replica).map_err(apply_err)?;
     let applied = apply::read_applied(replica).map_err(apply_err)?;
     if let Some(a) = applied
         && a.source_id != journal_id
@@ -150,11 +153,10 @@ pub fn push(
         };
         match attempt {
             Ok(done) => break done,
-            Err(Attempt::Mismatch { file, written }) if whole.insert(file) => {
+            Err(Attempt::Mismatch { file }) if whole.insert(file) => {
                 // The replica's copy is not what the journal thinks: send it whole.
                 report.repaired_files += 1;
                 tracing::warn!(%file, "replica copy changed behind ferry's back; sending it whole");
-                drop(written);
             }
             Err(Attempt::Mismatch { file, .. }) => {
                 return Err(PushError::Other(format!(
@@ -215,7 +217,6 @@ enum Attempt {
     /// The replica's copy of `file` did not match the batch's base.
     Mismatch {
         file: FileId,
-        written: Written,
     },
     Failed(PushError),
 }
@@ -232,14 +233,10 @@ fn dry_run(
     header: BatchHeader,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Written, u64), Attempt> {
-    let mut out = BatchWriter::new(io::sink(), header).map_err(batch_err)?;
-    let written = plan.write(&mut out, progress)?;
-    let (_, summary) = out.finish().map_err(batch_err)?;
+    let mut out = BatchWriter::new(io::sink(), header).map_err(PushError::from)?;
+    let written = plan.write(&mut out, progress, &mut Vec::new())?;
+    let (_, summary) = out.finish().map_err(PushError::from)?;
     Ok((written, summary.bytes))
-}
-
-fn batch_err(e: crate::batch::BatchError) -> PushError {
-    PushError::Other(format!("writing the batch: {e}"))
 }
 
 /// Hands the batch's operations to the applier on its own thread, which
@@ -261,11 +258,12 @@ fn apply_local(
         // Either way the sender is gone before the join: finished, or
         // dropped so that the applier sees the batch end early and commits
         // nothing.
-        let wrote = match plan.write(&mut sender, progress) {
+        let mut owners = Vec::new();
+        let wrote = match plan.write(&mut sender, progress, &mut owners) {
             Ok(written) => sender
                 .finish()
                 .map(|bytes| (written, bytes))
-                .map_err(batch_err),
+                .map_err(PushError::from),
             Err(e) => {
                 drop(sender);
                 Err(e)
@@ -274,25 +272,27 @@ fn apply_local(
         let applied = applier
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let apply_err = |source| {
+            Attempt::Failed(PushError::Apply {
+                replica: replica.to_path_buf(),
+                source,
+            })
+        };
         match (wrote, applied) {
             (Ok((written, bytes)), Ok(report)) => Ok((written, bytes, report)),
-            (Ok((written, _)), Err(ApplyError::BaseMismatch { index, .. })) => {
-                match written.owners.iter().find(|(i, _)| *i == index) {
-                    Some((_, file)) => Err(Attempt::Mismatch {
-                        file: *file,
-                        written,
-                    }),
+            // The replica refused a base (the planner may still have been
+            // sending, and then met the closed channel).
+            (_, Err(ApplyError::BaseMismatch { index, .. })) => {
+                match owners.iter().find(|(i, _)| *i == index) {
+                    Some((_, file)) => Err(Attempt::Mismatch { file: *file }),
                     None => Err(Attempt::Failed(PushError::Other(format!(
                         "the replica refused op {index} as a base mismatch, but it carries no content"
                     )))),
                 }
             }
-            // The planner failed first: its error is the cause.
+            // The replica stopped first: its error is the cause.
+            (Err(PushError::ReplicaStopped), Err(e)) | (Ok(_), Err(e)) => Err(apply_err(e)),
             (Err(e), _) => Err(Attempt::Failed(e)),
-            (Ok(_), Err(e)) => Err(Attempt::Failed(PushError::Apply {
-                replica: replica.to_path_buf(),
-                source: e,
-            })),
         }
     })
 }

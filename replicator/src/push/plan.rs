@@ -85,8 +85,6 @@ pub(super) struct Written {
     pub range_files: u64,
     /// The cache entries the journal keeps once the replica acknowledges.
     pub cache: Vec<(FileId, Option<Vec<u8>>)>,
-    /// The file each content operation is about, by operation number.
-    pub owners: Vec<(u64, FileId)>,
 }
 
 /// How a file's content went.
@@ -186,14 +184,19 @@ impl Reading<'_> {
 
 impl Plan<'_> {
     /// Writes every operation of the batch to `out`.
+    /// `owners` receives, as operations are sent, the file each content
+    /// operation is about by operation number (kept when writing fails, to
+    /// find the file a replica refused).
     pub fn write(
         &self,
         out: &mut impl OpSink,
         progress: &mut dyn FnMut(Progress),
+        owners: &mut Vec<(u64, FileId)>,
     ) -> Result<Written, PushError> {
         let mut w = Writing {
             plan: self,
             out,
+            owners,
             done: Written::default(),
             progress: Progress::default(),
             report: progress,
@@ -241,6 +244,7 @@ impl Plan<'_> {
 struct Writing<'p, 'o, S: OpSink> {
     plan: &'p Plan<'p>,
     out: &'o mut S,
+    owners: &'o mut Vec<(u64, FileId)>,
     done: Written,
     progress: Progress,
     report: &'o mut dyn FnMut(Progress),
@@ -254,14 +258,12 @@ struct Writing<'p, 'o, S: OpSink> {
 
 impl<S: OpSink> Writing<'_, '_, S> {
     fn push(&mut self, op: Op) -> Result<(), PushError> {
-        self.out
-            .send(op)
-            .map_err(|e| PushError::Other(format!("writing the batch: {e}")))
+        Ok(self.out.send(op)?)
     }
 
     /// Notes that the next operation carries the content of `id`.
     fn owns_next(&mut self, id: FileId) {
-        self.done.owners.push((self.out.ops_sent() + 1, id));
+        self.owners.push((self.out.ops_sent() + 1, id));
     }
 
     fn source_err(&self, rel: &Path) -> impl Fn(io::Error) -> PushError + '_ {

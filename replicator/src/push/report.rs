@@ -81,6 +81,22 @@ pub enum PushError {
         replica: std::path::PathBuf,
         source: crate::apply::ApplyError,
     },
+    /// The replica side stopped taking the batch; its own error says why.
+    #[error("the replica stopped taking the batch")]
+    ReplicaStopped,
     #[error("{0}")]
     Other(String),
+}
+
+impl From<crate::batch::BatchError> for PushError {
+    /// A closed channel means the replica side stopped; anything else is a
+    /// batch the planner could not write.
+    fn from(e: crate::batch::BatchError) -> PushError {
+        match &e.kind {
+            crate::batch::BatchErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+                PushError::ReplicaStopped
+            }
+            _ => PushError::Other(format!("writing the batch: {e}")),
+        }
+    }
 }
