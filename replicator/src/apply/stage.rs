@@ -188,6 +188,8 @@ pub struct Stager<'a> {
     /// Staged entries whose install takes a replica file's metadata
     /// (which would undo metadata set on them during staging).
     takes_meta_at_commit: HashSet<u32>,
+    /// Owners of staged files as made (a chown to the same is skipped).
+    staged_owners: HashMap<u32, (u32, u32)>,
 }
 
 /// Zeros to hash for the holes of content written piece by piece.
@@ -221,6 +223,11 @@ impl Hashed {
             self.tree.update(&ZEROS[..n as usize]);
             self.at += n;
         }
+    }
+
+    /// Where the pieces written so far end.
+    fn end(&self) -> u64 {
+        self.at
     }
 
     /// The tree of content of `size` bytes; `None` if it must be read back.
@@ -283,6 +290,7 @@ impl<'a> Stager<'a> {
             staged_trees: HashMap::new(),
             to_sync: PendingSync::default(),
             staged_times: HashMap::new(),
+            staged_owners: HashMap::new(),
             takes_meta_at_commit: HashSet::new(),
             warnings: Vec::new(),
             content_set: HashMap::new(),
@@ -615,13 +623,14 @@ impl<'a> Stager<'a> {
         size: u64,
         mode: u32,
         result: Hash,
-        tree: Option<ContentTree>,
+        content: Hashed,
     ) -> Result<(), ApplyError> {
-        if file.metadata().map_err(|e| self.io("stat", e))?.len() != size {
+        if content.end() != size {
+            // A trailing hole (or pieces out of order).
             file.set_len(size)
                 .map_err(|e| self.io("sizing the staged file", e))?;
         }
-        let tree = match tree {
+        let tree = match content.finish(size) {
             Some(t) => t,
             None => ContentTree::build(size, |i, buf| file.read_exact_at(buf, i * LEAF))
                 .map_err(|e| self.io("rereading", e))?,
@@ -649,6 +658,7 @@ impl<'a> Stager<'a> {
             .map_err(|e| self.io("keeping the file to sync", e))?;
         let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| self.errno("fstat", e))?;
         self.install(p, id, &st);
+        self.staged_owners.insert(id, (st.st_uid, st.st_gid));
         self.staged_trees.insert(id, tree);
         Ok(())
     }
@@ -713,8 +723,7 @@ impl<'a> Stager<'a> {
                         Ok(())
                     })
                     .map_err(|e| self.err(format!("writing the staged file: {e}")))?;
-                let tree = hashed.finish(content.size());
-                self.finish_file(&path, id, file, content.size(), mode, result, tree)?;
+                self.finish_file(&path, id, file, content.size(), mode, result, hashed)?;
             }
             Op::BeginFile {
                 path,
@@ -754,8 +763,7 @@ impl<'a> Stager<'a> {
                 self.path = s.path.clone();
                 self.index = s.index;
                 self.check_new(&s.path, false)?;
-                let tree = s.content.finish(s.size);
-                self.finish_file(&s.path, s.id, s.file, s.size, s.mode, s.result, tree)?;
+                self.finish_file(&s.path, s.id, s.file, s.size, s.mode, s.result, s.content)?;
             }
             Op::Link { existing, new } => {
                 let n = self.need(&existing)?;
@@ -864,6 +872,13 @@ impl<'a> Stager<'a> {
                 Meta::Utimes(..) if kind == Kind::Dir => {}
                 Meta::Utimes(a, m) => {
                     self.staged_times.insert(id, (kind, a, m));
+                    return Ok(());
+                }
+                // Made by us, it may have that owner already.
+                Meta::Chown(uid, gid) => {
+                    if self.staged_owners.insert(id, (uid, gid)) != Some((uid, gid)) {
+                        self.set_staged_meta(id, kind, &Meta::Chown(uid, gid));
+                    }
                     return Ok(());
                 }
                 meta => {

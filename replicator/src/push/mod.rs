@@ -108,9 +108,11 @@ pub fn push(
     for r in &pending.records {
         after.apply(r);
     }
+    tracing::debug!(ms = started.elapsed().as_millis(), "push: changeset");
     let steps = changes
         .namespace_plan(&pending.before, &after)
         .map_err(|e| PushError::Other(format!("planning the namespace changes: {e}")))?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "push: namespace steps");
     let cache = load_cache(journal, &changes, &steps)?;
     tracing::debug!(
         ms = started.elapsed().as_millis(),
@@ -204,7 +206,13 @@ fn load_cache(
         NsStep::Create { replaced, .. } => *replaced,
         _ => None,
     });
-    let ids: Vec<FileId> = changes.files.keys().copied().chain(replaced).collect();
+    // A file new in this batch has no entry (its id was never pushed).
+    let existing = changes
+        .files
+        .iter()
+        .filter(|(_, c)| c.existed_before)
+        .map(|(id, _)| *id);
+    let ids: Vec<FileId> = existing.chain(replaced).collect();
     Ok(journal
         .cached(ids.into_iter())?
         .into_iter()

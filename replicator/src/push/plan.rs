@@ -555,7 +555,16 @@ impl<S: OpSink> Writing<'_, '_, S> {
 
     fn remember(&mut self, id: FileId, tree: ContentTree, signature: Option<Vec<u8>>) {
         let entry = cached_size(tree.size()).then(|| ReplicaCopy { tree, signature }.encode());
-        self.done.cache.push((id, entry));
+        // A file new in this batch has no entry to remove.
+        let existed = self
+            .plan
+            .changes
+            .files
+            .get(&id)
+            .is_some_and(|c| c.existed_before);
+        if entry.is_some() || existed {
+            self.done.cache.push((id, entry));
+        }
     }
 
     /// A delta against `copy` (what the replica holds: at `path` itself, or
