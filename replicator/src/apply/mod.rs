@@ -6,7 +6,10 @@
 //! - `applied`: the applied sequence number, the source id and the
 //!   replica id (replaced atomically: temp file, fsync, rename, fsync);
 //! - `staging/`: new entries of the batch being applied, named by number,
-//!   in buckets of 4,096 (`staging/<n / 4096>/<n>`);
+//!   in buckets of 4,096 (`staging/<n / 4096>/<n>`); an entry whose parent
+//!   directory is itself new is made inside it, under its own name, and is
+//!   installed with it (a first copy of a tree installs only the root's
+//!   entries);
 //! - `commit/log`: the steps of a batch whose metadata phase has begun,
 //!   and `commit/step.N`: an empty file whose name counts the steps done;
 //! - `trees/`: the tree cache, the content tree of each large replica file

@@ -190,6 +190,13 @@ pub struct Stager<'a> {
     takes_meta_at_commit: HashSet<u32>,
     /// Owners of staged files as made (a chown to the same is skipped).
     staged_owners: HashMap<u32, (u32, u32)>,
+    /// Staged entries made inside a staged directory, by their location
+    /// below `staging/` (the others are in buckets, named by number).
+    nested: HashMap<u32, CString>,
+    /// Every location a nested entry was made at: a name used once in a
+    /// staged directory is not reused (what was there is removed only at
+    /// the commit).
+    nested_used: HashSet<CString>,
 }
 
 /// Zeros to hash for the holes of content written piece by piece.
@@ -290,6 +297,8 @@ impl<'a> Stager<'a> {
             staged_trees: HashMap::new(),
             to_sync: PendingSync::default(),
             staged_times: HashMap::new(),
+            nested: HashMap::new(),
+            nested_used: HashSet::new(),
             staged_owners: HashMap::new(),
             takes_meta_at_commit: HashSet::new(),
             warnings: Vec::new(),
@@ -322,7 +331,7 @@ impl<'a> Stager<'a> {
 
     /// Opens the staged file numbered `id` (staged files are named by number).
     fn open_staged(&self, id: u32, access: OFlag) -> Result<File, ApplyError> {
-        let name = staged_name(id);
+        let name = self.location(id);
         openat(
             self.staging,
             name.as_c_str(),
@@ -542,6 +551,50 @@ impl<'a> Stager<'a> {
         Ok((id, staged_name(id)))
     }
 
+    /// A new staged entry for `path`: made inside its parent when the
+    /// parent is a directory made by this batch (still in staging), so that
+    /// installing the parent installs it too, else in a bucket.
+    fn new_entry(&mut self, path: &RelPath) -> Result<(u32, CString), ApplyError> {
+        let Some(location) = self.nested_location(path)? else {
+            return self.new_id();
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.staged += 1;
+        self.nested_used.insert(location.clone());
+        self.nested.insert(id, location.clone());
+        Ok((id, location))
+    }
+
+    /// Where `path` goes inside its staged parent directory, if it has one
+    /// and that name there was never used in this batch.
+    fn nested_location(&self, path: &RelPath) -> Result<Option<CString>, ApplyError> {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Ok(None);
+        };
+        let Some(Node::Staged {
+            id,
+            kind: Kind::Dir,
+            ..
+        }) = self.lookup(&parent)?
+        else {
+            return Ok(None);
+        };
+        let mut location = self.location(id).into_bytes();
+        location.push(b'/');
+        location.extend_from_slice(name);
+        let location = CString::new(location).map_err(|_| self.err("NUL in a name"))?;
+        Ok((!self.nested_used.contains(&location)).then_some(location))
+    }
+
+    /// Where staged entry `id` is, relative to `staging/`.
+    fn location(&self, id: u32) -> CString {
+        self.nested
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| staged_name(id))
+    }
+
     fn staged_stat(&self, name: &CString) -> Result<FileStat, ApplyError> {
         fstatat(self.staging, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| self.errno("staging", e))
@@ -591,6 +644,10 @@ impl<'a> Stager<'a> {
                 kind,
             },
         );
+        if self.nested.contains_key(&id) {
+            // Already inside its parent: installed with it.
+            return;
+        }
         self.push(Step::Install {
             id,
             path: p.clone(),
@@ -601,6 +658,16 @@ impl<'a> Stager<'a> {
 
     fn create_staged_file(&mut self) -> Result<(u32, File), ApplyError> {
         let (id, name) = self.new_id()?;
+        self.create_file_at(id, name)
+    }
+
+    /// A staged file for the new file at `path` (see `new_entry`).
+    fn create_staged_file_for(&mut self, path: &RelPath) -> Result<(u32, File), ApplyError> {
+        let (id, name) = self.new_entry(path)?;
+        self.create_file_at(id, name)
+    }
+
+    fn create_file_at(&mut self, id: u32, name: CString) -> Result<(u32, File), ApplyError> {
         let fd = openat(
             self.staging,
             name.as_c_str(),
@@ -667,7 +734,7 @@ impl<'a> Stager<'a> {
         match op {
             Op::Mkdir { path, mode } => {
                 self.check_new(&path, true)?;
-                let (id, name) = self.new_id()?;
+                let (id, name) = self.new_entry(&path)?;
                 mkdirat(
                     self.staging,
                     name.as_c_str(),
@@ -678,7 +745,7 @@ impl<'a> Stager<'a> {
             }
             Op::Symlink { path, target } => {
                 self.check_new(&path, false)?;
-                let (id, name) = self.new_id()?;
+                let (id, name) = self.new_entry(&path)?;
                 symlinkat(OsStr::from_bytes(&target), self.staging, name.as_c_str())
                     .map_err(|e| self.errno("symlink in staging", e))?;
                 self.finish_staged(&path, id, &name, None)?;
@@ -690,7 +757,7 @@ impl<'a> Stager<'a> {
                 rdev,
             } => {
                 self.check_new(&path, false)?;
-                let (id, name) = self.new_id()?;
+                let (id, name) = self.new_entry(&path)?;
                 let sflag = match kind {
                     NodeKind::Fifo => SFlag::S_IFIFO,
                     NodeKind::Socket => SFlag::S_IFSOCK,
@@ -714,7 +781,7 @@ impl<'a> Stager<'a> {
                 result,
             } => {
                 self.check_new(&path, false)?;
-                let (id, file) = self.create_staged_file()?;
+                let (id, file) = self.create_staged_file_for(&path)?;
                 let mut hashed = Hashed::default();
                 content
                     .for_each_piece(|off, piece| {
@@ -732,7 +799,7 @@ impl<'a> Stager<'a> {
                 result,
             } => {
                 self.check_new(&path, false)?;
-                let (id, file) = self.create_staged_file()?;
+                let (id, file) = self.create_staged_file_for(&path)?;
                 self.streamed = Some(Streamed {
                     file,
                     content: Hashed::default(),
@@ -899,11 +966,11 @@ impl<'a> Stager<'a> {
     /// Sets metadata on staged entry `id`; what the filesystem or our
     /// privileges refuse is a warning, as in the commit.
     fn set_staged_meta(&mut self, id: u32, kind: Kind, meta: &Meta) {
-        let name = staged_name(id);
+        let name = self.location(id);
         let proc_path = std::path::PathBuf::from(format!(
             "/proc/self/fd/{}/{}",
             self.staging.as_raw_fd(),
-            staged_name(id).to_string_lossy()
+            name.to_string_lossy()
         ));
         if let Err(e) = set_meta(self.staging.as_fd(), &name, &proc_path, kind, meta) {
             self.warnings.push(format!(
@@ -1356,8 +1423,8 @@ impl<'a> Stager<'a> {
             Node::Staged { id: old, .. } => {
                 // Replace the staged file in staging (it is not visible):
                 // it keeps its id, its inode changes.
-                let old_name = staged_name(old);
-                let new_name = staged_name(id);
+                let old_name = self.location(old);
+                let new_name = self.location(id);
                 nix::fcntl::renameat(
                     self.staging,
                     new_name.as_c_str(),
