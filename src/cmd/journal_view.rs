@@ -8,6 +8,7 @@ use anyhow::{Context, anyhow};
 use journal::{FileId, Name, Op, PathTracker, Record};
 use serde_json::{Value, json};
 
+use super::bytes;
 use super::mount::mount_pid;
 use crate::cli::{JournalArgs, LogArgs, StatusArgs};
 use crate::mounts;
@@ -309,21 +310,6 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         bytes(summary.index_bytes)
     );
     Ok(())
-}
-
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 #[cfg(test)]

@@ -22,3 +22,19 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
     .map(|()| ExitCode::SUCCESS)
 }
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `3.2 GiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

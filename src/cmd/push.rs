@@ -12,6 +12,7 @@ use journal::{Journal, JournalError, OpenOptions};
 use replicator::push::{Progress, PushOptions, PushReport};
 use serde_json::Value;
 
+use super::bytes;
 use crate::cli::PushArgs;
 use crate::control::{self, Handler};
 use crate::{mounts, state_dir};
@@ -314,21 +315,6 @@ fn table(r: &PushReport, raw: &Value) -> String {
     all.iter()
         .map(|(_, label, value)| format!("  {:<width$} {value}\n", format!("{label}:")))
         .collect()
-}
-
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 fn exact_bytes(n: u64) -> String {

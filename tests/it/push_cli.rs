@@ -208,19 +208,6 @@ fn the_control_socket_answers_garbage_with_an_error_and_the_mount_goes_on() {
 /// Needs the push engine (`replicator::push::push`).
 #[test]
 fn push_through_socket_and_offline() {
-    const FIELDS: &[&str] = &[
-        "from_seq",
-        "to_seq",
-        "files_created",
-        "files_removed",
-        "renames",
-        "content_bytes_read",
-        "bytes_sent",
-        "delta_files",
-        "full_files",
-        "commit_window_us",
-        "elapsed_ms",
-    ];
     let tm = TestMount::with_source(|src| {
         std::fs::create_dir(src.join("dir")).unwrap();
         std::fs::write(src.join("dir/a"), b"hello").unwrap();
@@ -233,7 +220,7 @@ fn push_through_socket_and_offline() {
         assert_eq!(lines.len(), 1, "exactly one line on stdout: {out:#?}");
         let v: Value =
             serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {out:#?}"));
-        for f in FIELDS {
+        for f in crate::util::PUSH_REPORT_FIELDS {
             assert!(v[f].is_u64(), "field {f} missing in {v}");
         }
         v

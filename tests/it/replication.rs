@@ -14,21 +14,6 @@ use serde_json::Value;
 use crate::ops::{apply, op, populate};
 use crate::util::{TestMount, ferry, run};
 
-/// The JSON fields `ferry push --json` promises.
-const REPORT_FIELDS: &[&str] = &[
-    "from_seq",
-    "to_seq",
-    "files_created",
-    "files_removed",
-    "renames",
-    "content_bytes_read",
-    "bytes_sent",
-    "delta_files",
-    "full_files",
-    "commit_window_us",
-    "elapsed_ms",
-];
-
 /// A mount and a replica directory beside it.
 struct Pair {
     tm: TestMount,
@@ -54,7 +39,7 @@ impl Pair {
         assert!(out.ok(), "ferry push failed: {out:#?}");
         let v: Value = serde_json::from_str(out.stdout.trim())
             .unwrap_or_else(|e| panic!("push --json is not one JSON object ({e}): {out:#?}"));
-        for f in REPORT_FIELDS {
+        for f in crate::util::PUSH_REPORT_FIELDS {
             assert!(v[f].is_u64(), "push --json lacks {f}: {v}");
         }
         v

@@ -624,3 +624,18 @@ pub fn mount_args<'a>(source: &'a Path, mnt: &'a Path, state: &'a Path) -> [&'a 
 /// Debian's interpreter, reachable by any user (a per-user install under
 /// /root is not), for operations run as an unprivileged user.
 pub const PYTHON: &str = "/usr/bin/python3";
+
+/// The JSON fields `ferry push --json` promises (issue 3).
+pub const PUSH_REPORT_FIELDS: &[&str] = &[
+    "from_seq",
+    "to_seq",
+    "files_created",
+    "files_removed",
+    "renames",
+    "content_bytes_read",
+    "bytes_sent",
+    "delta_files",
+    "full_files",
+    "commit_window_us",
+    "elapsed_ms",
+];
