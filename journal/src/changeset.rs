@@ -67,6 +67,61 @@ impl Namespace {
         ns
     }
 
+    /// The tree a table describes (the log's base after compaction).
+    pub(crate) fn from_table(table: Table) -> Namespace {
+        let mut entries = BTreeMap::new();
+        for (id, e) in table.entries() {
+            for edge in &e.names {
+                entries.insert(edge.clone(), id);
+            }
+        }
+        Namespace { table, entries }
+    }
+
+    /// Records that make an empty tree into this one: an `Exists` for each
+    /// file at its first name, parents before children, then a `Link` for
+    /// each further name; all numbered `seq`. (How a replica that starts
+    /// from nothing is sent a tree whose early records were compacted.)
+    pub(crate) fn inventory(&self, seq: Seq) -> Vec<Record> {
+        let mut out = Vec::new();
+        let mut links = Vec::new();
+        let mut queue = std::collections::VecDeque::from([FileId::ROOT]);
+        while let Some(dir) = queue.pop_front() {
+            for (name, id) in self.children(dir) {
+                let Some(e) = self.table.get(id) else {
+                    continue;
+                };
+                if e.names.first() != Some(&(dir, name.clone())) {
+                    links.push(Op::Link {
+                        id,
+                        parent: dir,
+                        name: name.clone(),
+                        origin: crate::record::Origin::Reconcile,
+                    });
+                    continue;
+                }
+                out.push(Op::Exists {
+                    id,
+                    parent: dir,
+                    name: name.clone(),
+                    kind: e.kind,
+                    key: e.key.unwrap_or(crate::id::InodeKey { dev: 0, ino: 0 }),
+                });
+                if e.kind == FileKind::Dir {
+                    queue.push_back(id);
+                }
+            }
+        }
+        out.into_iter()
+            .chain(links)
+            .map(|op| Record {
+                seq,
+                unix_ns: 0,
+                op,
+            })
+            .collect()
+    }
+
     /// Applies one record, through the table's `apply`.
     pub fn apply(&mut self, r: &Record) {
         let ids: Vec<FileId> = touched(&r.op).collect();
@@ -87,6 +142,10 @@ impl Namespace {
                 }
             }
         }
+    }
+
+    pub(crate) fn table(&self) -> &Table {
+        &self.table
     }
 
     /// The sequence number of the last record applied.

@@ -17,6 +17,15 @@ pub enum JournalError {
          the replica was not made from this journal", replica.0, journal.0
     )]
     Ahead { replica: Seq, journal: Seq },
+    /// A replica needs records the journal dropped (every replica it knew
+    /// of had applied them): it must be seeded again.
+    #[error(
+        "the replica has applied up to seq {} but this journal keeps records only from seq {} on \
+         (earlier ones were compacted once every known replica had them): seed the replica again \
+         into an empty directory",
+        replica.0, base.0
+    )]
+    Compacted { replica: Seq, base: Seq },
     /// Another process (or another `Journal` in this process) holds the state
     /// directory. Only one mount may journal a source at a time.
     #[error(

@@ -27,6 +27,10 @@ const K_SEQ: &str = "checkpoint_seq";
 const K_NEXT_ID: &str = "next_id";
 const K_BASELINE: &str = "baseline_done";
 const K_JOURNAL_ID: &str = "journal_id";
+const K_BASE_SEQ: &str = "base_seq";
+const K_BASE_NEXT_ID: &str = "base_next_id";
+/// The table at `base_seq`: where the log starts once compacted.
+const BASE: TableDefinition<u64, &[u8]> = TableDefinition::new("base_files");
 
 /// The index's metadata as read at open.
 #[derive(Debug, Default)]
@@ -272,6 +276,63 @@ impl Index {
             replicas.insert(replica, seq.0).map_err(|x| e(x.into()))?;
         }
         txn.commit().map_err(|x| e(x.into()))
+    }
+
+    /// Replaces the base: the table at its last sequence number, from which
+    /// the log's later records are replayed once earlier ones are gone.
+    pub fn write_base(&self, table: &Table) -> Result<(), JournalError> {
+        let e = self.err("write the log's base");
+        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            txn.delete_table(BASE).map_err(|x| e(x.into()))?;
+            let mut base = txn.open_table(BASE).map_err(|x| e(x.into()))?;
+            let mut buf = Vec::new();
+            for (id, entry) in table.entries() {
+                buf.clear();
+                buf = postcard::to_extend(entry, buf)
+                    .expect("postcard encodes into a Vec without failing");
+                base.insert(id.0, buf.as_slice()).map_err(|x| e(x.into()))?;
+            }
+            let mut m = txn.open_table(META).map_err(|x| e(x.into()))?;
+            m.insert(K_BASE_SEQ, table.last_seq().0.to_le_bytes().as_slice())
+                .map_err(|x| e(x.into()))?;
+            m.insert(K_BASE_NEXT_ID, table.next_id().to_le_bytes().as_slice())
+                .map_err(|x| e(x.into()))?;
+        }
+        txn.commit().map_err(|x| e(x.into()))
+    }
+
+    /// The base, if the log was ever compacted.
+    pub fn load_base(&self) -> Result<Option<Table>, JournalError> {
+        let e = self.err("load the log's base");
+        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(x) => return Err(e(x.into())),
+        };
+        let get = |k: &str| -> Result<Option<u64>, JournalError> {
+            Ok(meta
+                .get(k)
+                .map_err(|x| e(x.into()))?
+                .map(|v| u64_of(v.value())))
+        };
+        let (Some(seq), Some(next_id)) = (get(K_BASE_SEQ)?, get(K_BASE_NEXT_ID)?) else {
+            return Ok(None);
+        };
+        let base = txn.open_table(BASE).map_err(|x| e(x.into()))?;
+        let mut entries = Vec::new();
+        for row in base.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let entry: Entry =
+                postcard::from_bytes(v.value()).map_err(|x| JournalError::Corrupt {
+                    path: self.path.clone(),
+                    offset: 0,
+                    reason: format!("base entry {} undecodable: {x}", FileId(k.value())),
+                })?;
+            entries.push((FileId(k.value()), entry));
+        }
+        Ok(Some(Table::from_parts(entries, next_id, Seq(seq))))
     }
 
     /// Every replica's acknowledged sequence number.

@@ -76,6 +76,25 @@ pub(crate) fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(segs)
 }
 
+/// Each segment of a log directory with the sequence number of its first
+/// record, ascending. A segment whose header is not readable yet (being
+/// created) ends the list.
+pub(crate) fn segment_starts(dir: &Path) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    for seg in list_segments(dir)? {
+        let mut head = [0u8; HEADER_LEN];
+        let mut f = File::open(dir.join(segment_name(seg)))?;
+        if std::io::Read::read_exact(&mut f, &mut head).is_err() {
+            break;
+        }
+        match decode_header(&head) {
+            Ok(first) => out.push((seg, first)),
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
 /// The real store: files in `state_dir/journal/log/`.
 pub(crate) struct FsStore {
     dir: PathBuf,

@@ -20,8 +20,10 @@ use crate::changeset::Namespace;
 use crate::error::JournalError;
 use crate::id::{FileId, InodeKey, Seq};
 use crate::journal::{Journal, Shared};
+use crate::log::{segment_name, segment_starts};
 use crate::reader::read_records;
 use crate::record::{Op, Origin, Record};
+use crate::recovery::log_dir;
 use crate::state::{CLEAN, FileState};
 
 /// Past this many records kept for the next push, the history is dropped
@@ -133,10 +135,29 @@ impl Journal {
 
     pub(crate) fn pending_from_log(&self, from: Seq, to: Seq) -> Result<Pending, JournalError> {
         let state_dir = state_dir_of(&self.shared);
-        let mut before = Namespace::new();
-        let mut records = Vec::new();
+        let base = self.index()?.load_base()?;
+        let base_seq = base.as_ref().map_or(Seq(0), |t| t.last_seq());
+        let (mut before, mut records) = match base {
+            // The records before the base are gone: a replica that starts
+            // from nothing gets the base as an inventory.
+            Some(table) if from == Seq(0) => {
+                let base = Namespace::from_table(table);
+                (Namespace::new(), base.inventory(base_seq))
+            }
+            Some(_) if from < base_seq => {
+                return Err(JournalError::Compacted {
+                    replica: from,
+                    base: base_seq,
+                });
+            }
+            Some(table) => (Namespace::from_table(table), Vec::new()),
+            None => (Namespace::new(), Vec::new()),
+        };
         for r in read_records(state_dir)? {
             let r = r?;
+            if r.seq <= base_seq {
+                continue;
+            }
             if r.seq > to {
                 break;
             }
@@ -158,6 +179,46 @@ impl Journal {
             records,
             to,
         })
+    }
+
+    /// Drops the log segments whose records every replica has applied (and
+    /// the index has checkpointed), after writing the tree at the end of
+    /// the last of them as the log's new base. Returns the new base's
+    /// sequence number, if it moved. Costs a directory listing when there
+    /// is nothing to drop; a replay of the dropped records when there is.
+    pub fn compact(&self) -> Result<Option<Seq>, JournalError> {
+        let index = self.index()?;
+        let Some(applied) = index.replicas()?.into_iter().map(|(_, s)| s).min() else {
+            return Ok(None);
+        };
+        let limit = applied.min(Seq(index.meta()?.checkpoint_seq));
+        let dir = log_dir(state_dir_of(&self.shared));
+        let segs = segment_starts(&dir).map_err(|e| JournalError::io(&dir, e))?;
+        // A segment ends where the next begins; the last one is open.
+        let droppable: Vec<(u64, Seq)> = segs
+            .windows(2)
+            .map(|w| (w[0].0, Seq(w[1].1 - 1)))
+            .take_while(|(_, last)| *last <= limit)
+            .collect();
+        let Some(&(_, new_base)) = droppable.last() else {
+            return Ok(None);
+        };
+        let base_seq = index.load_base()?.map_or(Seq(0), |t| t.last_seq());
+        if new_base <= base_seq {
+            return Ok(None);
+        }
+        let base = self.pending_from_log(new_base, new_base)?.before;
+        // The base first: a crash before the segments go leaves both, and
+        // replay skips what the base holds.
+        index.write_base(base.table())?;
+        for (seg, _) in &droppable {
+            let path = dir.join(segment_name(*seg));
+            std::fs::remove_file(&path).map_err(|e| JournalError::io(&path, e))?;
+        }
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| JournalError::io(&dir, e))?;
+        Ok(Some(new_base))
     }
 
     /// Keeps `after`, the tree at the end of a push, as the start of the

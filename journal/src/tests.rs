@@ -1010,3 +1010,105 @@ mod replication {
         j.close().unwrap();
     }
 }
+
+mod compaction {
+    //! Dropping log segments every replica has applied.
+
+    use super::*;
+    use crate::changeset::Changeset;
+    use crate::id::Seq;
+
+    #[test]
+    fn segments_every_replica_applied_go_and_pushes_still_work() {
+        let f = fixture();
+        let small = OpenOptions {
+            segment_bytes: 4096,
+            ..quiet()
+        };
+        let (j, _) = Journal::open(&f.state, &f.src, &small).expect("open");
+        let mut ids = Vec::new();
+        for i in 0..400u64 {
+            let name = format!("f{i}");
+            ids.push(j.created(
+                FileId::ROOT,
+                OsStr::new(&name),
+                InodeKey {
+                    dev: 9,
+                    ino: 1000 + i,
+                },
+                FileKind::File,
+            ));
+        }
+        let mid = j.barrier();
+        j.durable(mid).unwrap();
+        for (i, id) in ids.iter().enumerate().take(100) {
+            let to = format!("g{i}");
+            j.renamed(
+                *id,
+                FileId::ROOT,
+                OsStr::new(&format!("f{i}")),
+                FileId::ROOT,
+                OsStr::new(&to),
+                RenameMode::Replace,
+                None,
+            );
+        }
+        let end = j.barrier();
+        j.durable(end).unwrap();
+        // What a replica at `mid` and a new replica must be sent, before.
+        let at_mid = Changeset::compute(
+            &j.pending(mid, end).unwrap().before,
+            &j.pending(mid, end).unwrap().records,
+        );
+        let fresh = j.pending(Seq(0), end).unwrap();
+        let mut fresh_tree = fresh.before.clone();
+        for r in &fresh.records {
+            fresh_tree.apply(r);
+        }
+        // Nothing is dropped until a checkpoint covers the records and the
+        // slowest replica has them.
+        j.acknowledge("/a", mid, &[]).unwrap();
+        j.acknowledge("/b", Seq(3), &[]).unwrap();
+        assert_eq!(j.compact().unwrap(), None);
+        j.close().unwrap();
+        let (j, _) = Journal::open(&f.state, &f.src, &small).expect("reopen");
+        let segs_before = crate::log::list_segments(&crate::recovery::log_dir(&f.state))
+            .unwrap()
+            .len();
+        j.acknowledge("/b", mid, &[]).unwrap();
+        let base = j.compact().unwrap().expect("segments to drop");
+        assert!(base <= mid);
+        let segs_after = crate::log::list_segments(&crate::recovery::log_dir(&f.state))
+            .unwrap()
+            .len();
+        assert!(segs_after < segs_before, "{segs_before} -> {segs_after}");
+        // The same changes for a replica at `mid`, the same tree for a new one.
+        let p = j.pending_from_log(mid, end).unwrap();
+        assert_eq!(
+            Changeset::compute(&p.before, &p.records).files,
+            at_mid.files
+        );
+        let p = j.pending_from_log(Seq(0), end).unwrap();
+        let mut tree = p.before.clone();
+        for r in &p.records {
+            tree.apply(r);
+        }
+        let edges = |ns: &crate::changeset::Namespace| {
+            ns.edges()
+                .map(|(e, id)| (e.clone(), id))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(edges(&tree), edges(&fresh_tree));
+        // A replica older than the base must be seeded again.
+        assert!(matches!(
+            j.pending_from_log(Seq(2), end),
+            Err(JournalError::Compacted { .. })
+        ));
+        j.close().unwrap();
+        // Recovery after compaction.
+        let (j, rec) = Journal::open(&f.state, &f.src, &small).expect("reopen after compaction");
+        assert!(!rec.unclean);
+        assert!(j.status().last_seq > end);
+        j.close().unwrap();
+    }
+}

@@ -18,8 +18,9 @@
 //!    behind ferry's back) stops the apply before anything is visible; the
 //!    file is then sent with full content and the batch made again.
 //! 5. On success the journal records the replica's new sequence number and
-//!    the trees and signatures of what it now holds, and keeps the tree at
-//!    `to` for the next push.
+//!    the trees and signatures of what it now holds, keeps the tree at `to`
+//!    for the next push, and drops log segments every replica has applied
+//!    (`Journal::compact`).
 
 mod cache;
 mod plan;
@@ -185,6 +186,9 @@ pub fn push(
         tracing::debug!(ms = started.elapsed().as_millis(), "push: applied");
         journal.acknowledge(&replica.to_string_lossy(), to, &written.cache)?;
         journal.remember(after);
+        if let Some(base) = journal.compact()? {
+            tracing::info!(base = base.0, "compacted the journal's log");
+        }
         tracing::debug!(ms = started.elapsed().as_millis(), "push: acknowledged");
     }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
