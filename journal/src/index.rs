@@ -116,6 +116,21 @@ impl Index {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Table::new()),
             Err(x) => return Err(e(x.into())),
         };
+        let entries = self.entries(&table, "table", &e)?;
+        Ok(Table::from_parts(
+            entries,
+            meta.next_id,
+            Seq(meta.checkpoint_seq),
+        ))
+    }
+
+    /// Every entry of a table of files (the checkpoint or the base).
+    fn entries(
+        &self,
+        table: &impl ReadableTable<u64, &'static [u8]>,
+        what: &str,
+        e: &impl Fn(redb::Error) -> JournalError,
+    ) -> Result<Vec<(FileId, Entry)>, JournalError> {
         let mut entries = Vec::new();
         for row in table.iter().map_err(|x| e(x.into()))? {
             let (k, v) = row.map_err(|x| e(x.into()))?;
@@ -123,15 +138,11 @@ impl Index {
                 postcard::from_bytes(v.value()).map_err(|x| JournalError::Corrupt {
                     path: self.path.clone(),
                     offset: 0,
-                    reason: format!("table entry {} undecodable: {x}", FileId(k.value())),
+                    reason: format!("{what} entry {} undecodable: {x}", FileId(k.value())),
                 })?;
             entries.push((FileId(k.value()), entry));
         }
-        Ok(Table::from_parts(
-            entries,
-            meta.next_id,
-            Seq(meta.checkpoint_seq),
-        ))
+        Ok(entries)
     }
 
     /// Marks a session open (so that a crash is detected at the next open)
@@ -321,17 +332,7 @@ impl Index {
             return Ok(None);
         };
         let base = txn.open_table(BASE).map_err(|x| e(x.into()))?;
-        let mut entries = Vec::new();
-        for row in base.iter().map_err(|x| e(x.into()))? {
-            let (k, v) = row.map_err(|x| e(x.into()))?;
-            let entry: Entry =
-                postcard::from_bytes(v.value()).map_err(|x| JournalError::Corrupt {
-                    path: self.path.clone(),
-                    offset: 0,
-                    reason: format!("base entry {} undecodable: {x}", FileId(k.value())),
-                })?;
-            entries.push((FileId(k.value()), entry));
-        }
+        let entries = self.entries(&base, "base", &e)?;
         Ok(Some(Table::from_parts(entries, next_id, Seq(seq))))
     }
 

@@ -193,10 +193,6 @@ pub struct Stager<'a> {
     /// Staged entries made inside a staged directory, by their location
     /// below `staging/` (the others are in buckets, named by number).
     nested: HashMap<u32, CString>,
-    /// Every location a nested entry was made at: a name used once in a
-    /// staged directory is not reused (what was there is removed only at
-    /// the commit).
-    nested_used: HashSet<CString>,
 }
 
 /// Zeros to hash for the holes of content written piece by piece.
@@ -298,7 +294,6 @@ impl<'a> Stager<'a> {
             to_sync: PendingSync::default(),
             staged_times: HashMap::new(),
             nested: HashMap::new(),
-            nested_used: HashSet::new(),
             staged_owners: HashMap::new(),
             takes_meta_at_commit: HashSet::new(),
             warnings: Vec::new(),
@@ -561,17 +556,23 @@ impl<'a> Stager<'a> {
         let id = self.next_id;
         self.next_id += 1;
         self.staged += 1;
-        self.nested_used.insert(location.clone());
         self.nested.insert(id, location.clone());
         Ok((id, location))
     }
 
     /// Where `path` goes inside its staged parent directory, if it has one
-    /// and that name there was never used in this batch.
+    /// and no earlier operation of the batch named `path`. The entry is then
+    /// in place from the parent's install on, which comes before every step
+    /// of the operations between the two: none of them may touch that name
+    /// (a file renamed there and then unlinked would otherwise replace the
+    /// new entry, then take it away).
     fn nested_location(&self, path: &RelPath) -> Result<Option<CString>, ApplyError> {
         let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
             return Ok(None);
         };
+        if self.overlay.contains_key(path) {
+            return Ok(None);
+        }
         let Some(Node::Staged {
             id,
             kind: Kind::Dir,
@@ -584,7 +585,7 @@ impl<'a> Stager<'a> {
         location.push(b'/');
         location.extend_from_slice(name);
         let location = CString::new(location).map_err(|_| self.err("NUL in a name"))?;
-        Ok((!self.nested_used.contains(&location)).then_some(location))
+        Ok(Some(location))
     }
 
     /// Where staged entry `id` is, relative to `staging/`.

@@ -1408,3 +1408,30 @@ fn in_place_growth_is_bounded() {
         assert_eq!(fs::metadata(f.replica.join("doc")).unwrap().len(), 3);
     }
 }
+
+/// A new file is made inside its new parent directory only when no earlier
+/// operation named it: here a replica file is moved to that name and
+/// unlinked before the new file takes it (found by the acceptance workload).
+#[test]
+fn a_name_used_earlier_in_the_batch_is_not_made_inside_a_new_directory() {
+    let f = Fixture::new();
+    fs::write(f.replica.join("x"), b"old").unwrap();
+    let ops = vec![
+        Op::Mkdir {
+            path: p("d"),
+            mode: 0o755,
+        },
+        Op::Rename {
+            from: p("x"),
+            to: p("d/a"),
+            exchange: false,
+        },
+        Op::Unlink { path: p("d/a") },
+        create("d/a", 0o644, Content::Raw(b"new".to_vec())),
+        create("d/b", 0o644, Content::Raw(b"nested".to_vec())),
+    ];
+    f.apply(&batch_bytes(0, 1, &ops)).expect("apply");
+    assert_eq!(fs::read(f.replica.join("d/a")).unwrap(), b"new");
+    assert_eq!(fs::read(f.replica.join("d/b")).unwrap(), b"nested");
+    assert!(!f.replica.join("x").exists());
+}
