@@ -265,6 +265,14 @@ impl TreeBuilder {
             if self.partial.len() == LEAF as usize {
                 self.push_partial();
             }
+            // Whole leaves with more content after them are hashed where
+            // they are, not copied first.
+            if self.partial.is_empty() && data.len() > LEAF as usize {
+                let index = self.leaves.len() as u64;
+                self.leaves.push(leaf_cv(index, &data[..LEAF as usize]));
+                data = &data[LEAF as usize..];
+                continue;
+            }
             let take = (LEAF as usize - self.partial.len()).min(data.len());
             self.partial.extend_from_slice(&data[..take]);
             data = &data[take..];
