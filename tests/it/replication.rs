@@ -350,3 +350,27 @@ fn a_push_killed_at_any_moment_rolls_forward() {
     }
     eprintln!("killed: {mid_commit} mid-commit, {untouched} before it, {done} after it");
 }
+
+/// A replica directory removed and made again is not taken for the old one
+/// (whose state is still beside it): the push says so instead of finding
+/// nothing to do.
+#[test]
+fn a_replica_made_again_is_not_taken_for_the_old_one() {
+    let pair = Pair::new(|s| std::fs::write(s.join("a"), b"a").unwrap());
+    pair.push();
+    std::fs::remove_dir_all(&pair.replica).unwrap();
+    std::fs::create_dir(&pair.replica).unwrap();
+    let out = ferry([
+        OsStr::new("push"),
+        pair.tm.mnt.as_os_str(),
+        pair.replica.as_os_str(),
+    ]);
+    assert!(!out.ok(), "{out:#?}");
+    assert!(
+        out.stderr.contains("remove") && out.stderr.contains(".replica.ferry"),
+        "{out:#?}"
+    );
+    std::fs::remove_dir_all(pair.tm.path(".replica.ferry")).unwrap();
+    pair.push();
+    pair.converged().unwrap();
+}

@@ -14,6 +14,8 @@
 //!   and `commit/step.N`: an empty file whose name counts the steps done;
 //! - `trees/`: the tree cache, the content tree of each large replica file
 //!   by inode number (see below);
+//! - `root`: the replica directory's device, inode number and birth time, so that a
+//!   replica removed and made again is not taken for the old one;
 //! - `lock`: flock'd by the one process applying to the replica.
 //!
 //! The protocol ([`apply`]), with the crash points the tests kill it at:
@@ -281,6 +283,11 @@ pub enum ApplyError {
         path: String,
         reason: String,
     },
+    #[error(
+        "the replica directory is not the one the state {state} belongs to (it was removed and \
+         made again?): remove {state} to seed the replica anew"
+    )]
+    ReplicaReplaced { state: PathBuf },
     #[error("injected crash after protocol step {0}")]
     InjectedCrash(usize),
 }
@@ -310,7 +317,48 @@ pub fn state_dir(replica_root: &Path) -> Result<PathBuf, ApplyError> {
 
 /// The replica's applied state (`None` for a replica never applied to).
 pub fn read_applied(replica_root: &Path) -> Result<Option<Applied>, ApplyError> {
-    read_applied_in(&state_dir(replica_root)?)
+    let state = state_dir(replica_root)?;
+    check_root(&state, replica_root, false)?;
+    read_applied_in(&state)
+}
+
+/// The state beside a replica describes one directory (`root`: its device
+/// and inode numbers and birth time). A replica directory removed and made again would
+/// otherwise inherit the old one's applied sequence number and never be
+/// sent what it lacks. With `record`, a state without `root` (new, or
+/// older than the file) records the directory it is used with.
+fn check_root(state: &Path, replica_root: &Path, record: bool) -> Result<(), ApplyError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |path: &Path, what: &'static str| {
+        let path = path.to_path_buf();
+        move |source| ApplyError::State { path, what, source }
+    };
+    let md = fs::metadata(replica_root).map_err(err(replica_root, "reading"))?;
+    // The inode number of a directory removed and made again may be the
+    // same; its birth time is not (where the filesystem keeps one).
+    let born = md
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let id = format!("{} {} {born}\n", md.dev(), md.ino());
+    let path = state.join("root");
+    match fs::read_to_string(&path) {
+        Ok(found) if found == id => Ok(()),
+        Ok(_) => Err(ApplyError::ReplicaReplaced {
+            state: state.to_path_buf(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if record {
+                // Whole or not at all: a torn file would read as another root.
+                let tmp = state.join("root.tmp");
+                fs::write(&tmp, id).map_err(err(&tmp, "writing"))?;
+                fs::rename(&tmp, &path).map_err(err(&path, "writing"))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(err(&path, "reading")(e)),
+    }
 }
 
 fn read_applied_in(state: &Path) -> Result<Option<Applied>, ApplyError> {
@@ -406,6 +454,7 @@ impl Replica {
                 "the state directory is not on the replica's filesystem",
             )));
         }
+        check_root(&state, replica_root, true)?;
         Ok(Replica {
             trees: TreeCache::new(&state),
             state,
