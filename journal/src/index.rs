@@ -209,9 +209,6 @@ impl Index {
     }
 }
 
-/// What replicas hold, per file: opaque to the journal (the replicator's
-/// content tree and delta signature of the content last pushed).
-const CACHE: TableDefinition<u64, &[u8]> = TableDefinition::new("replica_content");
 /// The sequence number each replica acknowledged, by the replica's name.
 const REPLICAS: TableDefinition<&str, u64> = TableDefinition::new("replicas");
 
@@ -241,48 +238,11 @@ impl Index {
         Ok(id)
     }
 
-    /// The cache entries of `ids` that exist.
-    pub fn cached(
-        &self,
-        ids: impl Iterator<Item = FileId>,
-    ) -> Result<std::collections::HashMap<FileId, Vec<u8>>, JournalError> {
-        let e = self.err("read the replica cache");
-        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
-        let mut out = std::collections::HashMap::new();
-        let table = match txn.open_table(CACHE) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
-            Err(x) => return Err(e(x.into())),
-        };
-        for id in ids {
-            if let Some(v) = table.get(id.0).map_err(|x| e(x.into()))? {
-                out.insert(id, v.value().to_vec());
-            }
-        }
-        Ok(out)
-    }
-
-    /// Records that `replica` holds the tree at `seq`, and sets (or, for
-    /// `None`, removes) cache entries, in one transaction.
-    pub fn acknowledge(
-        &self,
-        replica: &str,
-        seq: Seq,
-        entries: &[(FileId, Option<Vec<u8>>)],
-    ) -> Result<(), JournalError> {
+    /// Records that `replica` has applied everything up to `seq`.
+    pub fn acknowledge(&self, replica: &str, seq: Seq) -> Result<(), JournalError> {
         let e = self.err("record a replica's acknowledgement");
         let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
         {
-            let mut cache = txn.open_table(CACHE).map_err(|x| e(x.into()))?;
-            for (id, v) in entries {
-                match v {
-                    Some(v) => cache
-                        .insert(id.0, v.as_slice())
-                        .map(drop)
-                        .map_err(|x| e(x.into()))?,
-                    None => cache.remove(id.0).map(drop).map_err(|x| e(x.into()))?,
-                }
-            }
             let mut replicas = txn.open_table(REPLICAS).map_err(|x| e(x.into()))?;
             replicas.insert(replica, seq.0).map_err(|x| e(x.into()))?;
         }

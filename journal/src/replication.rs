@@ -254,18 +254,58 @@ impl Journal {
         &self,
         ids: impl Iterator<Item = FileId>,
     ) -> Result<HashMap<FileId, Vec<u8>>, JournalError> {
-        self.index()?.cached(ids)
+        let dir = cache_dir(state_dir_of(&self.shared));
+        let mut out = HashMap::new();
+        for id in ids {
+            let path = dir.join(id.0.to_string());
+            match std::fs::read(&path) {
+                Ok(v) => {
+                    out.insert(id, v);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(JournalError::io(&path, e)),
+            }
+        }
+        Ok(out)
     }
 
     /// Records that `replica` applied everything up to `seq` and now holds
     /// what `cache` describes (entries set, or removed for `None`).
+    ///
+    /// Entries are files (`journal/replica-cache/<file id>`): a tree and a
+    /// signature take 0.5% of the file they describe, and in redb a value
+    /// of megabytes takes a power-of-two region, twice while a transaction
+    /// replaces it. They are replaced by rename and not fsynced: an entry
+    /// lost or left old by a crash makes the replica refuse its base and
+    /// the file is sent whole; one torn does not decode and is not used.
     pub fn acknowledge(
         &self,
         replica: &str,
         seq: Seq,
         cache: &[(FileId, Option<Vec<u8>>)],
     ) -> Result<(), JournalError> {
-        self.index()?.acknowledge(replica, seq, cache)
+        let dir = cache_dir(state_dir_of(&self.shared));
+        if cache.iter().any(|(_, v)| v.is_some()) {
+            std::fs::create_dir_all(&dir).map_err(|e| JournalError::io(&dir, e))?;
+        }
+        for (id, entry) in cache {
+            let path = dir.join(id.0.to_string());
+            match entry {
+                Some(v) => {
+                    let tmp = dir.join(format!("{}.tmp", id.0));
+                    std::fs::write(&tmp, v)
+                        .and_then(|()| std::fs::rename(&tmp, &path))
+                        .map_err(|e| JournalError::io(&path, e))?;
+                }
+                None => match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(JournalError::io(&path, e));
+                    }
+                    _ => {}
+                },
+            }
+        }
+        self.index()?.acknowledge(replica, seq)
     }
 
     fn index(&self) -> Result<Arc<crate::index::Index>, JournalError> {
@@ -308,6 +348,10 @@ impl Journal {
     pub fn replicas(&self) -> Result<Vec<(String, Seq)>, JournalError> {
         self.index()?.replicas()
     }
+}
+
+fn cache_dir(state_dir: &Path) -> std::path::PathBuf {
+    crate::recovery::journal_dir(state_dir).join("replica-cache")
 }
 
 fn state_dir_of(shared: &Shared) -> &Path {
