@@ -93,17 +93,17 @@ impl Journal {
             });
         }
         {
-            let live = self.shared.live.lock();
-            if let Some(History {
-                base: Some(base),
-                since,
-                tail,
-            }) = &live.history
-                && *since == from
+            let mut live = self.shared.live.lock();
+            if let Some(h) = &mut live.history
+                && h.since == from
+                && let Some(base) = h.base.take()
             {
-                let records = tail.iter().take_while(|r| r.seq <= to).cloned().collect();
+                // Taken, not copied (a copy of a large tree costs tens of
+                // milliseconds): `remember` puts the tree at `to` back, and
+                // a push that fails leaves the next one to read the log.
+                let records = h.tail.iter().take_while(|r| r.seq <= to).cloned().collect();
                 return Ok(Pending {
-                    before: base.clone(),
+                    before: base,
                     records,
                     to,
                 });

@@ -192,6 +192,11 @@ pub fn push(
         tracing::debug!(ms = started.elapsed().as_millis(), "push: acknowledged");
     }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
+    // Freeing a large tree takes tens of milliseconds: not on the way to
+    // the answer.
+    let _ = std::thread::Builder::new()
+        .name("ferry-free".into())
+        .spawn(move || drop((pending, changes, steps)));
     Ok(report)
 }
 
