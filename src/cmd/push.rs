@@ -291,6 +291,8 @@ fn table(r: &PushReport, raw: &Value) -> String {
             micros(r.commit_window_us),
         ),
         ("elapsed_ms", "elapsed", millis(r.elapsed_ms)),
+        ("staging_ms", "  of it staging", millis(r.staging_ms)),
+        ("sync_ms", "  of it syncing", millis(r.sync_ms)),
         (
             "dry_run",
             "dry run",
