@@ -391,7 +391,8 @@ pub fn set_meta(
     }
 }
 
-fn check_ino(f: &std::fs::File, ino: u64) -> Result<(), Errno> {
+/// `f` is inode `ino` (else ESTALE).
+pub fn check_ino(f: &std::fs::File, ino: u64) -> Result<(), Errno> {
     let st = nix::sys::stat::fstat(f.as_fd())?;
     if st.st_ino != ino {
         return Err(Errno::ESTALE);

@@ -185,7 +185,8 @@ fn micros(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
-fn hex(b: &[u8]) -> String {
+/// Bytes as lowercase hex, as ids appear in state files and messages.
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -668,16 +669,11 @@ impl Replica {
                 continue;
             };
             let f = self.root.parent(path).and_then(|p| p.open_file(false));
-            match f {
-                Ok(f)
-                    if f.metadata()
-                        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == *ino) =>
-                {
-                    files
-                        .add(&f)
-                        .map_err(self.err(self.state.clone(), "syncing the commit"))?
-                }
-                _ => lost = true,
+            match f.and_then(|f| commit::check_ino(&f, *ino).map(|()| f)) {
+                Ok(f) => files
+                    .add(&f)
+                    .map_err(self.err(self.state.clone(), "syncing the commit"))?,
+                Err(_) => lost = true,
             }
         }
         let staging = self.state.join("staging");

@@ -127,6 +127,11 @@ impl ReplicaCopy {
     }
 }
 
+/// The signature of `data`, as ferry makes them.
+pub(super) fn signature_of(data: &[u8]) -> Vec<u8> {
+    Signature::calculate(data, signature_options()).into_serialized()
+}
+
 /// Builds a signature from pieces of content whose lengths, but for the
 /// last, are multiples of the block size: the same bytes as
 /// `Signature::calculate` over the whole content.

@@ -73,7 +73,7 @@ pub fn push(
         return Err(PushError::Other(format!(
             "{} is a replica of another source (journal {}), not of {}",
             replica.display(),
-            hex(&a.source_id),
+            apply::hex(&a.source_id),
             source.display()
         )));
     }
@@ -198,10 +198,6 @@ pub fn push(
         .name("ferry-free".into())
         .spawn(move || drop((pending, changes, steps)));
     Ok(report)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The cache entries of every file whose content the batch may carry, and

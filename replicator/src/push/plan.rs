@@ -34,7 +34,7 @@ use std::path::Path;
 
 use journal::{Changeset, ContentChange, FileChange, FileId, FileKind, Journal, Namespace, NsStep};
 
-use super::cache::{ReplicaCopy, SignatureBuilder, cached_size};
+use super::cache::{ReplicaCopy, SignatureBuilder, cached_size, signature_of};
 use super::report::{Progress, PushError};
 use super::source::{Source, data_extents};
 use crate::batch::{
@@ -99,6 +99,11 @@ fn rel(p: &Path) -> Result<RelPath, PushError> {
         .map_err(|e| PushError::Other(format!("path {}: {e}", p.display())))
 }
 
+/// An error reading the content of the file that goes to `path`.
+fn read_err(path: &RelPath) -> impl Fn(io::Error) -> PushError + Copy + '_ {
+    move |e| PushError::Other(format!("reading {path} from the source: {e}"))
+}
+
 fn time(sec: i64, nsec: i64) -> Timestamp {
     Timestamp {
         sec,
@@ -138,18 +143,36 @@ struct Reading<'f> {
     file: &'f File,
     size: u64,
     read: u64,
+    /// The whole content, once read and handed back (`keep`): later reads
+    /// come from it instead of the file.
+    kept: Option<Vec<u8>>,
 }
 
 impl Reading<'_> {
     fn at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.read += buf.len() as u64;
-        read_at(self.file, buf, offset)
+        let Some(data) = &self.kept else {
+            self.read += buf.len() as u64;
+            return read_at(self.file, buf, offset);
+        };
+        let start = (offset as usize).min(data.len());
+        let n = (data.len() - start).min(buf.len());
+        buf[..n].copy_from_slice(&data[start..start + n]);
+        buf[n..].fill(0);
+        Ok(())
     }
 
     fn all(&mut self) -> io::Result<Vec<u8>> {
+        if let Some(data) = self.kept.take() {
+            return Ok(data);
+        }
         let mut data = vec![0u8; self.size as usize];
         self.at(&mut data, 0)?;
         Ok(data)
+    }
+
+    /// Hands back content `all` returned, for the reads that follow.
+    fn keep(&mut self, data: Vec<u8>) {
+        self.kept = Some(data);
     }
 
     /// The tree and (if the file is cached) the signature, one pass.
@@ -158,16 +181,12 @@ impl Reading<'_> {
         let mut piece = Vec::new();
         let mut piece_at = u64::MAX;
         let size = self.size;
-        let mut pieces_read = 0u64;
-        let file = self.file;
         let tree = ContentTree::build(size, |i, buf| {
             let (start, len) = leaf_span(i, size);
             let at = start - start % PIECE;
             if at != piece_at {
-                let n = (size - at).min(PIECE) as usize;
-                piece.resize(n, 0);
-                read_at(file, &mut piece, at)?;
-                pieces_read += n as u64;
+                piece.resize((size - at).min(PIECE) as usize, 0);
+                self.at(&mut piece, at)?;
                 piece_at = at;
                 if let Some(s) = &mut sig {
                     s.add(&piece);
@@ -177,7 +196,6 @@ impl Reading<'_> {
             buf.copy_from_slice(&piece[off..off + len]);
             Ok(())
         })?;
-        self.read += pieces_read;
         Ok((tree, sig.map(SignatureBuilder::finish)))
     }
 }
@@ -426,6 +444,7 @@ impl<S: OpSink> Writing<'_, '_, S> {
             file: &file,
             size: md.len(),
             read: 0,
+            kept: None,
         };
         let result = f(self, &mut reading, &md);
         self.done.content_bytes_read += reading.read;
@@ -478,7 +497,7 @@ impl<S: OpSink> Writing<'_, '_, S> {
         r: &mut Reading<'_>,
         md: &Metadata,
     ) -> Result<(), PushError> {
-        let src_err = |e| PushError::Other(format!("reading {path} from the source: {e}"));
+        let src_err = read_err(path);
         let extents = if is_sparse(md) {
             data_extents(r.file, r.size).map_err(src_err)?
         } else {
@@ -488,11 +507,7 @@ impl<S: OpSink> Writing<'_, '_, S> {
         let (tree, signature) = if r.size <= INLINE_MAX {
             let data = r.all().map_err(src_err)?;
             let tree = ContentTree::of_bytes(&data);
-            let signature = cached_size(r.size).then(|| {
-                let mut s = SignatureBuilder::new();
-                s.add(&data);
-                s.finish()
-            });
+            let signature = cached_size(r.size).then(|| signature_of(&data));
             let content = if sparse {
                 Content::Sparse {
                     size: r.size,
@@ -579,7 +594,7 @@ impl<S: OpSink> Writing<'_, '_, S> {
         copy: &ReplicaCopy,
         new_file: bool,
     ) -> Result<Sent, PushError> {
-        let src_err = |e| PushError::Other(format!("reading {path} from the source: {e}"));
+        let src_err = read_err(path);
         // A delta's result is written whole: a sparse file goes as extents.
         let sparse = is_sparse(md);
         let signature = copy
@@ -596,12 +611,13 @@ impl<S: OpSink> Writing<'_, '_, S> {
             || delta.len() as u64 > MAX_CHUNK_LEN
             || r.size > delta_output_limit(copy.tree.size(), delta.len() as u64)
         {
-            // Mostly literal: the whole content costs no more.
+            // Mostly literal: the whole content costs no more (and is in
+            // memory already).
+            r.keep(data);
             return self.anew(id, path, r, md, new_file);
         }
         let tree = ContentTree::of_bytes(&data);
-        let mut signature = SignatureBuilder::new();
-        signature.add(&data);
+        let signature = signature_of(&data);
         self.owns_next(id);
         let op = if new_file {
             Op::CreateFromDelta {
@@ -621,7 +637,7 @@ impl<S: OpSink> Writing<'_, '_, S> {
             }
         };
         self.push(op)?;
-        self.remember(id, tree, Some(signature.finish()));
+        self.remember(id, tree, Some(signature));
         Ok(Sent::Delta)
     }
 
@@ -755,7 +771,7 @@ impl<S: OpSink> Writing<'_, '_, S> {
         if bytes > MAX_CHUNK_LEN || bytes > size / 2 {
             return Ok(None);
         }
-        let src_err = |e| PushError::Other(format!("reading {path} from the source: {e}"));
+        let src_err = read_err(path);
         let mut writes: Vec<WriteRange> = Vec::new();
         for i in &leaves {
             let (start, len) = leaf_span(*i, size);
