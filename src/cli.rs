@@ -47,8 +47,34 @@ pub enum Command {
     /// `ferry push --state DIR --source SOURCE REPLICA_DIR`. The first push
     /// to an empty directory copies the whole tree. REPLICA_DIR must exist
     /// and lie outside SOURCE, MOUNTPOINT and the state directory.
+    ///
+    /// Other destinations: `[user@]host:/path` runs `ferry receive /path`
+    /// on the host through ssh; `ferry://host:port/NAME` pushes to the
+    /// replica NAME of a `ferry serve` daemon (with --key-file);
+    /// `--batch-dir DIR` (instead of a destination) writes the changes as a
+    /// batch file for `ferry apply`.
     #[command(allow_missing_positional = true)]
     Push(PushArgs),
+    /// Apply batch files (made by `ferry push --batch-dir`) to a replica.
+    ///
+    /// Every file is checked whole first (every frame, the trailer hash);
+    /// the files are taken in sequence order, those already applied are
+    /// skipped, and a gap, an overlap or a batch of another source or
+    /// stream is refused before anything is applied. Each batch is then
+    /// applied with the commit protocol (base hashes checked before
+    /// anything is visible).
+    Apply(ApplyArgs),
+    /// Receive pushes on stdin/stdout (what `ferry push host:/path` runs
+    /// through ssh).
+    Receive(ReceiveArgs),
+    /// Serve replicas under a directory to authenticated pushes over TCP.
+    ///
+    /// `ferry push MOUNTPOINT ferry://host:port/NAME --key-file FILE`
+    /// pushes to the replica DIR/NAME (made on first use). Both ends must
+    /// hold the same key file; a client without it is refused before
+    /// anything is read, and every frame after the handshake is
+    /// authenticated (not encrypted: see docs/SECURITY.md).
+    Serve(ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -125,13 +151,27 @@ pub struct PushArgs {
     /// A ferry mountpoint (or name an unmounted journal with --state and --source).
     #[arg(
         value_name = "MOUNTPOINT",
-        required_unless_present = "state",
+        required_unless_present_any = ["state", "batch_dir"],
         conflicts_with = "state"
     )]
     pub mountpoint: Option<PathBuf>,
-    /// Where to push: a local directory (it must exist).
-    #[arg(value_name = "REPLICA_DIR")]
-    pub replica: PathBuf,
+    /// Where to push: a local directory (it must exist), `[user@]host:/path`
+    /// (ssh) or `ferry://host:port/NAME` (a ferry daemon).
+    #[arg(value_name = "DESTINATION", required_unless_present = "batch_dir")]
+    pub replica: Option<PathBuf>,
+    /// Write the changes as a batch file in DIR instead (for `ferry apply`).
+    #[arg(long, value_name = "DIR")]
+    pub batch_dir: Option<PathBuf>,
+    /// The ssh command for `host:/path` destinations, with its options
+    /// (as rsync's -e).
+    #[arg(long, value_name = "COMMAND", default_value = "ssh")]
+    pub ssh_command: String,
+    /// The ferry program on the remote host (as rsync's --rsync-path).
+    #[arg(long, value_name = "PATH", default_value = "ferry")]
+    pub ferry_path: String,
+    /// The key file shared with a ferry daemon (ferry:// destinations).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
     /// An unmounted state directory to push from (needs --source).
     #[arg(long, requires = "source")]
     pub state: Option<PathBuf>,
@@ -151,4 +191,36 @@ pub struct PushArgs {
     /// except with --json).
     #[arg(long)]
     pub progress: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    /// Batch files, in any order.
+    #[arg(value_name = "BATCH", required = true)]
+    pub batches: Vec<PathBuf>,
+    /// The replica directory (made if missing; its state lives beside it).
+    #[arg(long, value_name = "DIR")]
+    pub replica: PathBuf,
+    /// Print what was done as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReceiveArgs {
+    /// The replica directory (made if missing; its parent must exist).
+    pub path: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The address to listen on, e.g. 0.0.0.0:7300 or [::1]:7300.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: String,
+    /// The directory holding the replicas, one per name.
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// The key file clients must hold too.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
 }

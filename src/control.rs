@@ -6,7 +6,16 @@
 //!
 //! ```text
 //! {"push":{"replica":"/abs/path","options":{"dry_run":false}}}
+//! {"push_to":{"target":{"batch_dir":"/abs/dir"},"options":{...}}}
+//! {"push_to":{"target":{"connection":{"name":"host:/path","replica":"","keys":null}},"options":{...}}}
 //! ```
+//!
+//! A `connection` request comes with two descriptors (`SCM_RIGHTS`, sent
+//! with the line's first byte): the reading and the writing end of a
+//! stream to a receiver, which the `ferry push` process opened (ssh
+//! started with the user's environment and terminal, or a daemon's socket
+//! after the handshake, whose session `keys` the request then carries).
+//! The mount process speaks the protocol over them directly.
 //!
 //! and gets back JSON lines: `{"progress":{...}}` zero or more times, then
 //! exactly one `{"done":{...PushReport...}}` or `{"error":"message"}`; then
@@ -20,7 +29,7 @@
 //! an offline `ferry push --state`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +40,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use journal::Journal;
 use replicator::push::{Progress, PushOptions, PushReport};
+use replicator::remote::Connection;
 use serde::{Deserialize, Serialize};
+
+use crate::remote::auth::{MacReader, MacWriter, SessionKeys};
 
 /// The socket's name in the state directory.
 pub const SOCKET_NAME: &str = "control.sock";
@@ -56,6 +68,55 @@ pub enum Request {
         #[serde(default)]
         options: PushOptions,
     },
+    /// Push to another kind of destination.
+    PushTo {
+        target: TargetSpec,
+        #[serde(default)]
+        options: PushOptions,
+    },
+}
+
+/// A destination other than a local replica, as a request names it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TargetSpec {
+    /// A directory of batch files (an absolute path).
+    BatchDir(PathBuf),
+    /// The receiver at the other end of the descriptors sent with the
+    /// request: `name` names it in the journal and in messages, `replica`
+    /// is what its `Hello` asks for, `keys` authenticate a daemon's stream.
+    Connection {
+        name: String,
+        replica: String,
+        keys: Option<SessionKeys>,
+    },
+}
+
+/// Where a push goes.
+pub enum Target {
+    Local(PathBuf),
+    BatchDir(PathBuf),
+    Remote(RemoteStream),
+}
+
+/// A stream to a receiver.
+pub struct RemoteStream {
+    /// Names the receiver in the journal and in messages.
+    pub name: String,
+    /// What to ask the receiver for (a daemon's replica name; empty over
+    /// ssh).
+    pub replica: String,
+    pub reader: Box<dyn Read + Send>,
+    pub writer: Box<dyn Write + Send>,
+}
+
+impl Target {
+    fn describe(&self) -> String {
+        match self {
+            Target::Local(p) | Target::BatchDir(p) => p.display().to_string(),
+            Target::Remote(r) => r.name.clone(),
+        }
+    }
 }
 
 /// One line of the answer. `R` is the report: [`PushReport`] on the
@@ -74,7 +135,7 @@ pub enum Reply<R> {
 pub trait Handler: Send + Sync + 'static {
     fn push(
         &self,
-        replica: &Path,
+        target: Target,
         options: &PushOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> anyhow::Result<PushReport>;
@@ -112,32 +173,77 @@ impl Pusher {
 impl Handler for Pusher {
     fn push(
         &self,
-        replica: &Path,
+        target: Target,
         options: &PushOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> anyhow::Result<PushReport> {
-        let replica = check_replica(
-            replica,
-            &self.source,
-            self.mountpoint.as_deref(),
-            &self.state,
-        )?;
+        let target = match target {
+            Target::Local(replica) => Target::Local(check_replica(
+                &replica,
+                &self.source,
+                self.mountpoint.as_deref(),
+                &self.state,
+            )?),
+            Target::BatchDir(dir) => Target::BatchDir(check_replica(
+                &dir,
+                &self.source,
+                self.mountpoint.as_deref(),
+                &self.state,
+            )?),
+            remote => remote,
+        };
         // A poisoned lock only means an earlier push panicked; the journal
         // and the replica protect their own consistency.
         let _one = self
             .one_at_a_time
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        tracing::info!(replica = %replica.display(), dry_run = options.dry_run, "push");
+        let name = target.describe();
+        tracing::info!(destination = %name, dry_run = options.dry_run, "push");
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            replicator::push::push(&self.journal, &self.source, &replica, options, progress)
+            self.push_to(target, options, progress)
         }));
         let report = match outcome {
             Ok(result) => result?,
             Err(panic) => bail!("the push failed unexpectedly: {}", panic_message(&*panic)),
         };
-        tracing::info!(?report, "pushed");
+        tracing::info!(destination = %name, ?report, "pushed");
         Ok(report)
+    }
+}
+
+impl Pusher {
+    fn push_to(
+        &self,
+        target: Target,
+        options: &PushOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> anyhow::Result<PushReport> {
+        use replicator::push;
+        let (journal, source) = (&self.journal, self.source.as_path());
+        Ok(match target {
+            Target::Local(replica) => push::push(journal, source, &replica, options, progress)?,
+            Target::BatchDir(dir) => {
+                push::push_batch_dir(journal, source, &dir, options, progress)?
+            }
+            Target::Remote(stream) => {
+                let (mut conn, ready) =
+                    Connection::open(stream.reader, stream.writer, &stream.replica)
+                        .with_context(|| format!("the replica {}", stream.name))?;
+                let report = push::push_remote(
+                    journal,
+                    source,
+                    &mut conn,
+                    ready,
+                    &stream.name,
+                    options,
+                    progress,
+                )?;
+                conn.close()
+                    .with_context(|| format!("the replica {}", stream.name))?;
+                report
+            }
+        })
     }
 }
 
@@ -389,7 +495,7 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
         gone: false,
         last_progress: None,
     };
-    let request = match read_request(&stream) {
+    let target = match read_request(&stream).and_then(|r| r.map(into_target).transpose()) {
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(msg) => {
@@ -398,34 +504,112 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
             return;
         }
     };
-    let reply = match request {
-        Request::Push { replica, options } => {
-            match handler.push(&replica, &options, &mut |p| replies.progress(p)) {
-                Ok(report) => Reply::Done(report),
-                Err(err) => {
-                    let msg = one_line(&err);
-                    tracing::warn!(replica = %replica.display(), error = %msg, "push failed");
-                    Reply::Error(msg)
-                }
-            }
+    let (target, options) = target;
+    let name = target.describe();
+    let reply = match handler.push(target, &options, &mut |p| replies.progress(p)) {
+        Ok(report) => Reply::Done(report),
+        Err(err) => {
+            let msg = one_line(&err);
+            tracing::warn!(destination = %name, error = %msg, "push failed");
+            Reply::Error(msg)
         }
     };
     replies.send(&reply);
 }
 
-/// The request line; `None` when the client closed without sending one.
-fn read_request(stream: &UnixStream) -> Result<Option<Request>, String> {
+/// The request and the descriptors that came with it as a target.
+fn into_target(
+    (request, mut fds): (Request, Vec<OwnedFd>),
+) -> Result<(Target, PushOptions), String> {
+    match request {
+        Request::Push { replica, options } => Ok((Target::Local(replica), options)),
+        Request::PushTo {
+            target: TargetSpec::BatchDir(dir),
+            options,
+        } => Ok((Target::BatchDir(dir), options)),
+        Request::PushTo {
+            target:
+                TargetSpec::Connection {
+                    name,
+                    replica,
+                    keys,
+                },
+            options,
+        } => {
+            if fds.len() != 2 {
+                return Err(format!(
+                    "bad request: a connection needs 2 descriptors, {} came",
+                    fds.len()
+                ));
+            }
+            let writer = std::fs::File::from(fds.pop().expect("two"));
+            let reader = std::fs::File::from(fds.pop().expect("two"));
+            let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match keys {
+                Some(keys) => (
+                    Box::new(MacReader::new(reader, &keys)),
+                    Box::new(MacWriter::new(writer, &keys)),
+                ),
+                None => (Box::new(reader), Box::new(writer)),
+            };
+            Ok((
+                Target::Remote(RemoteStream {
+                    name,
+                    replica,
+                    reader,
+                    writer,
+                }),
+                options,
+            ))
+        }
+    }
+}
+
+/// The request line and the descriptors sent with it; `None` when the
+/// client closed without sending one.
+fn read_request(stream: &UnixStream) -> Result<Option<(Request, Vec<OwnedFd>)>, String> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut line = Vec::new();
-    BufReader::new(stream.take(MAX_REQUEST))
-        .read_until(b'\n', &mut line)
+    let mut fds = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    while !line.contains(&b'\n') {
+        if line.len() as u64 >= MAX_REQUEST {
+            return Err(format!("bad request: longer than {MAX_REQUEST} bytes"));
+        }
+        let mut space = nix::cmsg_space!([RawFd; 2]);
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
         .map_err(|e| format!("reading the request: {e}"))?;
+        let n = msg.bytes;
+        for c in msg
+            .cmsgs()
+            .map_err(|e| format!("reading the request: {e}"))?
+        {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                // SAFETY: the kernel just made these descriptors ours.
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
     if line.is_empty() {
         return Ok(None);
     }
-    if line.last() != Some(&b'\n') && line.len() as u64 >= MAX_REQUEST {
-        return Err(format!("bad request: longer than {MAX_REQUEST} bytes"));
-    }
-    serde_json::from_slice(&line).map_err(|e| format!("bad request: {e}"))
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    serde_json::from_slice(&line[..end])
+        .map(|r| Some((r, fds)))
+        .map_err(|e| format!("bad request: {e}"))
 }
 
 fn one_line(err: &anyhow::Error) -> String {
@@ -441,24 +625,35 @@ pub fn connect(path: &Path) -> io::Result<UnixStream> {
     UnixStream::connect(address)
 }
 
-/// Sends one push request and reads the answer, passing progress on;
-/// returns the report as the server sent it. An `{"error":...}` answer is
-/// returned as an error with the server's message.
+/// Sends one request (with `fds`, for a connection) and reads the
+/// answer, passing progress on; returns the report as the server sent it.
+/// An `{"error":...}` answer is returned as an error with the server's
+/// message.
 pub fn request_push(
     stream: UnixStream,
-    replica: &Path,
-    options: &PushOptions,
+    request: &Request,
+    fds: &[RawFd],
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<serde_json::Value> {
-    let request = Request::Push {
-        replica: replica.to_path_buf(),
-        options: options.clone(),
-    };
-    let mut line = serde_json::to_vec(&request).context("encoding the request")?;
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let mut line = serde_json::to_vec(request).context("encoding the request")?;
     line.push(b'\n');
-    (&stream)
-        .write_all(&line)
-        .context("sending the request to the mount process")?;
+    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(fds)]
+    };
+    // The descriptors go with the first byte; the rest of the line after.
+    let sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[io::IoSlice::new(&line[..1])],
+        &cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(io::Error::from)
+    .and_then(|_| (&stream).write_all(&line[1..]));
+    sent.context("sending the request to the mount process")?;
     let reader = BufReader::new(&stream);
     for line in reader.lines() {
         let line = line.context("reading the mount process's answer")?;
@@ -503,12 +698,23 @@ mod tests {
     impl Handler for Fake {
         fn push(
             &self,
-            replica: &Path,
+            target: Target,
             options: &PushOptions,
             progress: &mut dyn FnMut(Progress),
         ) -> anyhow::Result<PushReport> {
-            if replica == Path::new("/fail") {
+            if target.describe() == "/fail" {
                 bail!("no such replica");
+            }
+            if let Target::Remote(mut r) = target {
+                // Echo what the stream brings, and count it.
+                let mut got = Vec::new();
+                r.reader.read_to_end(&mut got)?;
+                r.writer.write_all(&got)?;
+                r.writer.flush()?;
+                return Ok(PushReport {
+                    ops: got.len() as u64,
+                    ..PushReport::default()
+                });
             }
             let call = {
                 let mut c = self.calls.lock().unwrap();
@@ -531,6 +737,48 @@ mod tests {
                 ..PushReport::default()
             })
         }
+    }
+
+    fn local(replica: &str, dry_run: bool) -> Request {
+        Request::Push {
+            replica: replica.into(),
+            options: PushOptions { dry_run },
+        }
+    }
+
+    #[test]
+    fn a_connection_request_hands_its_descriptors_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::new(0, Duration::ZERO);
+        let (server, path) = start(dir.path(), &fake);
+        let (to_read, mut feed) = std::io::pipe().unwrap();
+        let (mut answer, to_write) = std::io::pipe().unwrap();
+        feed.write_all(b"through the pipe").unwrap();
+        drop(feed);
+        let request = Request::PushTo {
+            target: TargetSpec::Connection {
+                name: "host:/r".into(),
+                replica: String::new(),
+                keys: None,
+            },
+            options: PushOptions::default(),
+        };
+        let report = request_push(
+            connect(&path).unwrap(),
+            &request,
+            &[to_read.as_raw_fd(), to_write.as_raw_fd()],
+            &mut |_| {},
+        )
+        .unwrap();
+        drop((to_read, to_write));
+        assert_eq!(report["ops"], 16);
+        let mut echoed = Vec::new();
+        answer.read_to_end(&mut echoed).unwrap();
+        assert_eq!(echoed, b"through the pipe");
+        // Without its descriptors, a connection request is refused.
+        let err = request_push(connect(&path).unwrap(), &request, &[], &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("2 descriptors"), "{err}");
+        server.finish();
     }
 
     fn start(dir: &Path, fake: &Arc<Fake>) -> (Server, PathBuf) {
@@ -559,8 +807,26 @@ mod tests {
         assert_eq!(v["push"]["replica"], "/r");
         assert_eq!(v["push"]["options"]["dry_run"], true);
         let parsed: Request = serde_json::from_str(r#"{"push":{"replica":"/r"}}"#).unwrap();
-        let Request::Push { options, .. } = parsed;
+        let Request::Push { options, .. } = parsed else {
+            panic!("not a push: {parsed:?}");
+        };
         assert!(!options.dry_run);
+        let v = serde_json::to_value(Request::PushTo {
+            target: TargetSpec::BatchDir("/b".into()),
+            options: PushOptions::default(),
+        })
+        .unwrap();
+        assert_eq!(v["push_to"]["target"]["batch_dir"], "/b");
+        let v = serde_json::to_value(Request::PushTo {
+            target: TargetSpec::Connection {
+                name: "h:/r".into(),
+                replica: String::new(),
+                keys: None,
+            },
+            options: PushOptions::default(),
+        })
+        .unwrap();
+        assert_eq!(v["push_to"]["target"]["connection"]["name"], "h:/r");
         let done = serde_json::to_value(Reply::Done(PushReport::default())).unwrap();
         assert!(done["done"]["to_seq"].is_u64());
         let err = serde_json::to_value(Reply::<PushReport>::Error("x".into())).unwrap();
@@ -579,12 +845,9 @@ mod tests {
             assert_eq!(md.permissions().mode() & 0o777, 0o600);
         }
         let mut seen = Vec::new();
-        let report = request_push(
-            connect(&path).unwrap(),
-            Path::new("/r"),
-            &PushOptions { dry_run: true },
-            &mut |p| seen.push(p),
-        )
+        let report = request_push(connect(&path).unwrap(), &local("/r", true), &[], &mut |p| {
+            seen.push(p)
+        })
         .unwrap();
         assert_eq!(report["ops"], 1);
         assert_eq!(report["dry_run"], true);
@@ -594,8 +857,8 @@ mod tests {
 
         let err = request_push(
             connect(&path).unwrap(),
-            Path::new("/fail"),
-            &PushOptions::default(),
+            &local("/fail", false),
+            &[],
             &mut |_| {},
         )
         .unwrap_err();
@@ -665,8 +928,8 @@ mod tests {
         let (server, path) = start(&deep, &fake);
         let report = request_push(
             connect(&path).unwrap(),
-            Path::new("/r"),
-            &PushOptions::default(),
+            &local("/r", false),
+            &[],
             &mut |_| {},
         )
         .unwrap();

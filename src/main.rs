@@ -8,6 +8,7 @@ mod cli;
 mod cmd;
 mod control;
 mod mounts;
+mod remote;
 mod state_dir;
 
 use std::process::ExitCode;

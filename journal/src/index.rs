@@ -239,13 +239,16 @@ impl Index {
     }
 
     /// Records that `replica` has applied everything up to `seq`.
-    pub fn acknowledge(&self, replica: &str, seq: Seq) -> Result<(), JournalError> {
+    pub fn acknowledge(&self, replica: &str, seq: Seq, durable: bool) -> Result<(), JournalError> {
         let e = self.err("record a replica's acknowledgement");
         let mut txn = self.db.begin_write().map_err(|x| e(x.into()))?;
-        // Only compaction reads it: made durable by the next checkpoint;
-        // lost, a compaction waits for the next push. (Refused only for a
-        // transaction that touched savepoints; it then commits durably.)
-        let _ = txn.set_durability(redb::Durability::None);
+        if !durable {
+            // A replica knows its own seq and only compaction reads this:
+            // made durable by the next checkpoint; lost, a compaction
+            // waits for the next push. (Refused only for a transaction
+            // that touched savepoints; it then commits durably.)
+            let _ = txn.set_durability(redb::Durability::None);
+        }
         {
             let mut replicas = txn.open_table(REPLICAS).map_err(|x| e(x.into()))?;
             replicas.insert(replica, seq.0).map_err(|x| e(x.into()))?;

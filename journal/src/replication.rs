@@ -284,6 +284,30 @@ impl Journal {
         seq: Seq,
         cache: &[(FileId, Option<Vec<u8>>)],
     ) -> Result<(), JournalError> {
+        self.record_replica(replica, seq, cache, false)
+    }
+
+    /// As [`acknowledge`](Self::acknowledge), for a destination that
+    /// cannot tell what it holds (a directory of batch files, applied
+    /// later elsewhere): what was sent is recorded durably, entries
+    /// included, since the next batch is made against them and nothing
+    /// would repair a lost one.
+    pub fn record_sent(
+        &self,
+        destination: &str,
+        seq: Seq,
+        cache: &[(FileId, Option<Vec<u8>>)],
+    ) -> Result<(), JournalError> {
+        self.record_replica(destination, seq, cache, true)
+    }
+
+    fn record_replica(
+        &self,
+        replica: &str,
+        seq: Seq,
+        cache: &[(FileId, Option<Vec<u8>>)],
+        durable: bool,
+    ) -> Result<(), JournalError> {
         let dir = cache_dir(state_dir_of(&self.shared));
         if cache.iter().any(|(_, v)| v.is_some()) {
             std::fs::create_dir_all(&dir).map_err(|e| JournalError::io(&dir, e))?;
@@ -293,7 +317,7 @@ impl Journal {
             match entry {
                 Some(v) => {
                     let tmp = dir.join(format!("{}.tmp", id.0));
-                    std::fs::write(&tmp, v)
+                    write_entry(&tmp, v, durable)
                         .and_then(|()| std::fs::rename(&tmp, &path))
                         .map_err(|e| JournalError::io(&path, e))?;
                 }
@@ -305,7 +329,12 @@ impl Journal {
                 },
             }
         }
-        self.index()?.acknowledge(replica, seq)
+        if durable && !cache.is_empty() {
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| JournalError::io(&dir, e))?;
+        }
+        self.index()?.acknowledge(replica, seq, durable)
     }
 
     fn index(&self) -> Result<Arc<crate::index::Index>, JournalError> {
@@ -348,6 +377,16 @@ impl Journal {
     pub fn replicas(&self) -> Result<Vec<(String, Seq)>, JournalError> {
         self.index()?.replicas()
     }
+}
+
+fn write_entry(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    if durable {
+        f.sync_data()?;
+    }
+    Ok(())
 }
 
 fn cache_dir(state_dir: &Path) -> std::path::PathBuf {

@@ -4,5 +4,6 @@
 pub mod apply;
 pub mod batch;
 pub mod push;
+pub mod remote;
 pub mod tree;
 pub mod verify;

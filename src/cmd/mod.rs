@@ -1,8 +1,11 @@
 //! One module per command.
 
+mod apply;
 mod journal_view;
 mod mount;
 mod push;
+mod receive;
+mod serve;
 mod umount;
 mod verify;
 
@@ -17,6 +20,9 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Log(args) => journal_view::log(args),
         Command::Status(args) => journal_view::status(args),
         Command::Push(args) => push::run(args),
+        Command::Apply(args) => apply::run(args),
+        Command::Receive(args) => receive::run(args),
+        Command::Serve(args) => serve::run(args),
         // The one command with its own exit codes (0 equal, 1 differ, 2 error).
         Command::Verify(args) => return verify::run(args),
     }

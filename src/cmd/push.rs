@@ -1,9 +1,17 @@
 //! `ferry push`: push what a replica has not applied, through the live
-//! mount's control socket (`ferry push MOUNTPOINT REPLICA_DIR`) or from an
+//! mount's control socket (`ferry push MOUNTPOINT DESTINATION`) or from an
 //! unmounted state directory (`--state DIR --source SOURCE`), and print
 //! the report.
+//!
+//! A remote destination's stream is opened here, in the user's process:
+//! ssh runs with the user's environment (`~/.ssh/config`, the agent) and
+//! terminal, and the daemon's key file is read with the user's rights.
+//! A live mount is then handed the stream's descriptors and speaks the
+//! protocol over them itself (see `control`).
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,31 +22,68 @@ use serde_json::Value;
 
 use super::bytes;
 use crate::cli::PushArgs;
-use crate::control::{self, Handler};
+use crate::control::{self, Handler, RemoteStream, Request, Target, TargetSpec};
+use crate::remote::auth::{self, Key, MacReader, MacWriter};
+use crate::remote::ssh;
 use crate::{mounts, state_dir};
 
-/// Where a push goes. Parsed in this one place, so that remote forms
-/// (`[user@]host:/path`, `ferry://host:port/name`, a batch directory) can
-/// be added beside the local one.
+/// How long connecting to a daemon may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where a push goes, as the command line names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Destination {
     /// An existing local directory, canonical.
     Local(PathBuf),
+    /// A directory of batch files, canonical.
+    BatchDir(PathBuf),
+    /// `[user@]host:path`.
+    Ssh { host: String, path: String },
+    /// `ferry://host:port/name`.
+    Daemon { address: String, name: String },
 }
 
 impl Destination {
-    fn parse(arg: &Path) -> anyhow::Result<Destination> {
+    fn parse(arg: Option<&Path>, batch_dir: Option<&Path>) -> anyhow::Result<Destination> {
+        let arg = match (arg, batch_dir) {
+            (None, Some(dir)) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("batch directory {}", dir.display()))?;
+                let dir = std::fs::canonicalize(dir)
+                    .with_context(|| format!("batch directory {}", dir.display()))?;
+                return Ok(Destination::BatchDir(dir));
+            }
+            (Some(arg), None) => arg,
+            _ => bail!("name a DESTINATION or --batch-dir DIR (one of them)"),
+        };
         let text = arg.to_string_lossy();
-        if text.starts_with("ferry://") {
-            bail!("{text}: ferry:// destinations are not supported yet; push to a local directory");
+        if let Some(rest) = text.strip_prefix("ferry://") {
+            let (address, name) = rest
+                .split_once('/')
+                .ok_or_else(|| anyhow!("{text}: a daemon destination is ferry://HOST:PORT/NAME"))?;
+            if address.is_empty() || name.is_empty() || name.contains('/') {
+                bail!("{text}: a daemon destination is ferry://HOST:PORT/NAME");
+            }
+            return Ok(Destination::Daemon {
+                address: address.to_string(),
+                name: name.to_string(),
+            });
         }
         let replica = match std::fs::canonicalize(arg) {
             Ok(path) => path,
             // A local path wins: only what cannot be one is taken for a
             // remote destination.
-            Err(_) if looks_remote(&text) => bail!(
-                "{text}: remote destinations ([user@]host:path) are not supported yet; push to a local directory"
-            ),
+            Err(_) if looks_remote(&text) => {
+                let (host, path) = text.split_once(':').expect("looks remote");
+                return Ok(Destination::Ssh {
+                    host: host.to_string(),
+                    path: if path.is_empty() {
+                        ".".into()
+                    } else {
+                        path.to_string()
+                    },
+                });
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
                 "replica directory {} does not exist: create it first",
                 arg.display()
@@ -62,8 +107,87 @@ fn looks_remote(text: &str) -> bool {
     }
 }
 
-pub fn run(args: PushArgs) -> anyhow::Result<()> {
-    let Destination::Local(replica) = Destination::parse(&args.replica)?;
+/// A destination made ready to push to: for a remote one, the stream is
+/// open (and a daemon's handshake done).
+enum Opened {
+    Local(PathBuf),
+    BatchDir(PathBuf),
+    Remote {
+        name: String,
+        replica: String,
+        /// Reading and writing ends.
+        reader: std::fs::File,
+        writer: std::fs::File,
+        keys: Option<auth::SessionKeys>,
+        /// The ssh process, waited for at the end.
+        ssh: Option<std::process::Child>,
+    },
+}
+
+impl Opened {
+    fn open(destination: Destination, args: &PushArgs) -> anyhow::Result<Opened> {
+        Ok(match destination {
+            Destination::Local(p) => Opened::Local(p),
+            Destination::BatchDir(p) => Opened::BatchDir(p),
+            Destination::Ssh { host, path } => {
+                let r = ssh::spawn(&args.ssh_command, &host, &args.ferry_path, &path)?;
+                Opened::Remote {
+                    name: format!("{host}:{path}"),
+                    replica: String::new(),
+                    reader: std::fs::File::from(std::os::fd::OwnedFd::from(r.stdout)),
+                    writer: std::fs::File::from(std::os::fd::OwnedFd::from(r.stdin)),
+                    keys: None,
+                    ssh: Some(r.child),
+                }
+            }
+            Destination::Daemon { address, name } => {
+                let key_file = args.key_file.as_deref().ok_or_else(|| {
+                    anyhow!("ferry://{address}/{name}: a daemon needs --key-file FILE")
+                })?;
+                let key = Key::from_file(key_file)?;
+                let mut stream = connect(&address)?;
+                let keys = auth::client_handshake(&key, &mut stream, &address)?;
+                let writer = stream.try_clone().context("duplicating the socket")?;
+                Opened::Remote {
+                    name: format!("ferry://{address}/{name}"),
+                    replica: name,
+                    reader: std::fs::File::from(std::os::fd::OwnedFd::from(stream)),
+                    writer: std::fs::File::from(std::os::fd::OwnedFd::from(writer)),
+                    keys: Some(keys),
+                    ssh: None,
+                }
+            }
+        })
+    }
+}
+
+fn connect(address: &str) -> anyhow::Result<TcpStream> {
+    let addrs = address
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {address}"))?;
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => anyhow!(e).context(format!("connecting to the daemon at {address}")),
+        None => anyhow!("{address} resolves to no address"),
+    })
+}
+
+pub fn run(mut args: PushArgs) -> anyhow::Result<()> {
+    // A lone positional fills DESTINATION (MOUNTPOINT may be missing, for
+    // --state); with --batch-dir it is the MOUNTPOINT.
+    if args.batch_dir.is_some() && args.mountpoint.is_none() && args.state.is_none() {
+        args.mountpoint = args.replica.take();
+    }
+    let destination = Destination::parse(args.replica.as_deref(), args.batch_dir.as_deref())?;
     // Options the engine adds later keep their defaults here.
     #[allow(clippy::needless_update)]
     let options = PushOptions {
@@ -71,19 +195,30 @@ pub fn run(args: PushArgs) -> anyhow::Result<()> {
         ..PushOptions::default()
     };
     let mut bar = Bar::new(args.progress || (!args.json && std::io::stderr().is_terminal()));
-    let pushed = match (&args.mountpoint, &args.state, &args.source) {
-        (Some(mountpoint), None, None) => {
-            through_mount(mountpoint, &replica, &options, &mut |p| bar.update(p))
-        }
-        (None, Some(state), Some(source)) => {
-            offline(state, source, &replica, &options, &mut |p| bar.update(p))
-                .and_then(|r| serde_json::to_value(&r).context("encoding the report"))
-        }
+    let mode = match (&args.mountpoint, &args.state, &args.source) {
+        (Some(mountpoint), None, None) => Ok(Mode::Live(mountpoint.clone())),
+        (None, Some(state), Some(source)) => Ok(Mode::Offline(state.clone(), source.clone())),
         _ => Err(anyhow!(
             "name a MOUNTPOINT, or an unmounted journal with --state DIR --source SOURCE"
         )),
+    }?;
+    let opened = Opened::open(destination, &args)?;
+    let mut ssh = None;
+    let pushed = match mode {
+        Mode::Live(mountpoint) => {
+            through_mount(&mountpoint, opened, &mut ssh, &options, &mut |p| {
+                bar.update(p)
+            })
+        }
+        Mode::Offline(state, source) => {
+            offline(&state, &source, opened, &mut ssh, &options, &mut |p| {
+                bar.update(p)
+            })
+            .and_then(|r| serde_json::to_value(&r).context("encoding the report"))
+        }
     };
     bar.finish();
+    let pushed = finish_ssh(ssh, pushed);
     let raw = pushed?;
     let report: PushReport = serde_json::from_value(raw.clone()).with_context(|| {
         format!("the mount process sent a report this ferry cannot read: {raw}")
@@ -91,10 +226,31 @@ pub fn run(args: PushArgs) -> anyhow::Result<()> {
     print_report(&report, &raw, &args)
 }
 
+enum Mode {
+    Live(PathBuf),
+    Offline(PathBuf, PathBuf),
+}
+
+/// Waits for the ssh process (its pipes are closed by now, so it ends),
+/// and adds how it ended to a failed push's error.
+fn finish_ssh<T>(ssh: Option<std::process::Child>, pushed: anyhow::Result<T>) -> anyhow::Result<T> {
+    let Some(mut child) = ssh else {
+        return pushed;
+    };
+    let status = child.wait();
+    match (pushed, status) {
+        (Err(e), Ok(status)) if !status.success() => {
+            Err(e.context(format!("ssh ended with {status} (its messages are above)")))
+        }
+        (pushed, _) => pushed,
+    }
+}
+
 /// Asks the mount process at `mountpoint` to push.
 fn through_mount(
     mountpoint: &Path,
-    replica: &Path,
+    opened: Opened,
+    ssh: &mut Option<std::process::Child>,
     options: &PushOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<Value> {
@@ -134,7 +290,45 @@ fn through_mount(
             socket.display()
         )),
     })?;
-    control::request_push(stream, replica, options, progress)
+    let options = options.clone();
+    match opened {
+        Opened::Local(replica) => {
+            control::request_push(stream, &Request::Push { replica, options }, &[], progress)
+        }
+        Opened::BatchDir(dir) => control::request_push(
+            stream,
+            &Request::PushTo {
+                target: TargetSpec::BatchDir(dir),
+                options,
+            },
+            &[],
+            progress,
+        ),
+        Opened::Remote {
+            name,
+            replica,
+            reader,
+            writer,
+            keys,
+            ssh: child,
+        } => {
+            *ssh = child;
+            let request = Request::PushTo {
+                target: TargetSpec::Connection {
+                    name,
+                    replica,
+                    keys,
+                },
+                options,
+            };
+            let fds = [reader.as_raw_fd(), writer.as_raw_fd()];
+            // Sent; this process's copies close here so that only the
+            // mount process holds the stream.
+            let sent = control::request_push(stream, &request, &fds, progress);
+            drop((reader, writer));
+            sent
+        }
+    }
 }
 
 /// Opens the unmounted journal in `state` (recovering it if need be),
@@ -142,7 +336,8 @@ fn through_mount(
 fn offline(
     state: &Path,
     source: &Path,
-    replica: &Path,
+    opened: Opened,
+    ssh: &mut Option<std::process::Child>,
     options: &PushOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<PushReport> {
@@ -156,8 +351,38 @@ fn offline(
     }
     let source =
         std::fs::canonicalize(source).with_context(|| format!("SOURCE {}", source.display()))?;
-    // Refused before the journal is opened (opening records a session).
-    control::check_replica(replica, &source, None, &state)?;
+    let target = match opened {
+        // Refused before the journal is opened (opening records a session).
+        Opened::Local(replica) => {
+            Target::Local(control::check_replica(&replica, &source, None, &state)?)
+        }
+        Opened::BatchDir(dir) => {
+            Target::BatchDir(control::check_replica(&dir, &source, None, &state)?)
+        }
+        Opened::Remote {
+            name,
+            replica,
+            reader,
+            writer,
+            keys,
+            ssh: child,
+        } => {
+            *ssh = child;
+            let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match keys {
+                Some(keys) => (
+                    Box::new(MacReader::new(reader, &keys)),
+                    Box::new(MacWriter::new(writer, &keys)),
+                ),
+                None => (Box::new(reader), Box::new(writer)),
+            };
+            Target::Remote(RemoteStream {
+                name,
+                replica,
+                reader,
+                writer,
+            })
+        }
+    };
     let (journal, recovery) =
         Journal::open(&state, &source, &OpenOptions::default()).map_err(|e| match e {
             JournalError::Locked { .. } => in_use(&state, e),
@@ -170,7 +395,7 @@ fn offline(
         );
     }
     let pusher = control::Pusher::new(journal.clone(), source, None, state.clone());
-    let pushed = pusher.push(replica, options, progress);
+    let pushed = pusher.push(target, options, progress);
     drop(pusher);
     let closed = journal
         .close()
@@ -433,18 +658,50 @@ mod tests {
         assert!(!looks_remote("/abs/a:b"));
         assert!(!looks_remote("plain"));
         assert!(!looks_remote(":x"));
-        let err = Destination::parse(Path::new("nosuchhost-ferry-test:/x")).unwrap_err();
-        assert!(err.to_string().contains("not supported yet"), "{err}");
-        let err = Destination::parse(Path::new("ferry://h:1/n")).unwrap_err();
-        assert!(err.to_string().contains("not supported yet"), "{err}");
+        let parse = |s: &str| Destination::parse(Some(Path::new(s)), None);
+        assert_eq!(
+            parse("me@nosuchhost-ferry-test:/x").unwrap(),
+            Destination::Ssh {
+                host: "me@nosuchhost-ferry-test".into(),
+                path: "/x".into()
+            }
+        );
+        assert_eq!(
+            parse("h:").unwrap(),
+            Destination::Ssh {
+                host: "h".into(),
+                path: ".".into()
+            }
+        );
+        assert_eq!(
+            parse("ferry://h:1/n").unwrap(),
+            Destination::Daemon {
+                address: "h:1".into(),
+                name: "n".into()
+            }
+        );
+        for bad in [
+            "ferry://h:1",
+            "ferry://h:1/",
+            "ferry:///n",
+            "ferry://h:1/a/b",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
         // An existing directory named like a remote is a local path.
         let dir = tempfile::tempdir().unwrap();
         let local = dir.path().join("host:x");
         std::fs::create_dir(&local).unwrap();
         assert_eq!(
-            Destination::parse(&local).unwrap(),
+            Destination::parse(Some(&local), None).unwrap(),
             Destination::Local(std::fs::canonicalize(&local).unwrap())
         );
+        let batches = dir.path().join("batches");
+        assert_eq!(
+            Destination::parse(None, Some(&batches)).unwrap(),
+            Destination::BatchDir(std::fs::canonicalize(&batches).unwrap())
+        );
+        assert!(Destination::parse(Some(&local), Some(&batches)).is_err());
     }
 
     #[test]

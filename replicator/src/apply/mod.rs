@@ -14,6 +14,11 @@
 //!   and `commit/step.N`: an empty file whose name counts the steps done;
 //! - `trees/`: the tree cache, the content tree of each large replica file
 //!   by inode number (see below);
+//! - `kept/`: the complete files of a batch that failed during staging
+//!   (the connection was cut, a base did not match), named by the blake3
+//!   of their content and made durable, so that the sender, told of them
+//!   when it connects again, sends `CreateFromKept` instead of their
+//!   content; emptied by every commit;
 //! - `root`: the replica directory's device, inode number and birth time, so that a
 //!   replica removed and made again is not taken for the old one;
 //! - `lock`: flock'd by the one process applying to the replica.
@@ -120,7 +125,7 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::sys::stat::Mode;
 
-use crate::batch::{ANY_REPLICA, BatchError, BatchReader, OpSource, validate};
+use crate::batch::{ANY_REPLICA, BatchError, BatchReader, Hash, OpSource, validate};
 use commit::{CommitLog, Entry, Step};
 use durable::PendingSync;
 use fsops::{Root, describe, fsync_dir};
@@ -140,7 +145,7 @@ pub struct ApplyOptions {
 }
 
 /// What an apply did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ApplyReport {
     pub from_seq: u64,
     pub to_seq: u64,
@@ -173,7 +178,7 @@ pub struct ApplyReport {
 }
 
 /// The replica's applied state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
     pub seq: u64,
     pub source_id: [u8; 16],
@@ -405,6 +410,7 @@ struct Replica {
     state: PathBuf,
     root: Root,
     staging: OwnedFd,
+    kept: OwnedFd,
     trees: TreeCache,
     _lock: Flock<File>,
 }
@@ -421,6 +427,7 @@ impl Replica {
             state.join("staging"),
             state.join("commit"),
             state.join("trees"),
+            state.join("kept"),
         ] {
             // 0700: staged content must not be readable before the
             // replica's own permissions apply to it.
@@ -455,14 +462,38 @@ impl Replica {
                 "the state directory is not on the replica's filesystem",
             )));
         }
+        let kept_path = state.join("kept");
+        let kept = nix::fcntl::open(
+            &kept_path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| st(&kept_path, "opening")(e.into()))?;
         check_root(&state, replica_root, true)?;
         Ok(Replica {
             trees: TreeCache::new(&state),
             state,
             root,
             staging,
+            kept,
             _lock: lock,
         })
+    }
+
+    /// The hashes of the content in `kept/` (at most `limit`).
+    fn kept(&self, limit: usize) -> Result<Vec<Hash>, ApplyError> {
+        let dir = self.state.join("kept");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(self.err(dir.clone(), "listing"))? {
+            if out.len() == limit {
+                break;
+            }
+            let e = e.map_err(self.err(dir.clone(), "listing"))?;
+            if let Some(h) = e.file_name().to_str().and_then(Hash::from_hex) {
+                out.push(h);
+            }
+        }
+        Ok(out)
     }
 
     fn err(&self, path: PathBuf, what: &'static str) -> impl FnOnce(io::Error) -> ApplyError {
@@ -485,7 +516,12 @@ impl Replica {
     }
 
     fn clean_staging(&self) -> Result<(), ApplyError> {
-        let dir = self.state.join("staging");
+        self.empty_dir("staging")
+    }
+
+    /// Removes everything in the state's directory `name`.
+    fn empty_dir(&self, name: &str) -> Result<(), ApplyError> {
+        let dir = self.state.join(name);
         let entries = fs::read_dir(&dir).map_err(self.err(dir.clone(), "listing"))?;
         for e in entries {
             let e = e.map_err(self.err(dir.clone(), "listing"))?;
@@ -716,6 +752,7 @@ impl Replica {
         fsync_dir(&dir).map_err(self.err(dir, "fsync"))?;
         crash.point()?;
         self.clean_staging()?;
+        self.empty_dir("kept")?;
         crash.point()
     }
 
@@ -767,100 +804,139 @@ pub fn apply_from(
     reader: &mut impl OpSource,
     options: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
-    let rep = Replica::open(replica_root)?;
-    let mut report = ApplyReport {
-        recovered: rep.recover(&mut ApplyReport::default())?,
-        ..ApplyReport::default()
-    };
-    let applied = read_applied_in(&rep.state)?;
-    let h = reader.header().clone();
-    report.from_seq = h.from_seq;
-    report.to_seq = h.to_seq;
-    let mut replica_id = h.replica_id;
-    if let Some(a) = applied {
-        if a.source_id != h.source_id {
-            return Err(ApplyError::WrongSource {
-                batch: hex(&h.source_id),
-                replica: hex(&a.source_id),
-            });
-        }
-        if a.replica_id != ANY_REPLICA {
-            if h.replica_id != ANY_REPLICA && h.replica_id != a.replica_id {
-                return Err(ApplyError::WrongReplica {
-                    batch: hex(&h.replica_id),
-                    replica: hex(&a.replica_id),
+    Session::open(replica_root)?.apply_from(reader, options)
+}
+
+/// A replica opened for applying: locked (anyone else opening it waits)
+/// and with any interrupted commit finished, until dropped. A receiver
+/// holds one for a whole connection, so that what it tells the sender
+/// (the applied state, the kept content) stays true until the sender's
+/// batch arrives.
+pub struct Session {
+    rep: Replica,
+    /// An interrupted commit was finished at open (reported once).
+    recovered: bool,
+}
+
+impl Session {
+    pub fn open(replica_root: &Path) -> Result<Session, ApplyError> {
+        let rep = Replica::open(replica_root)?;
+        let recovered = rep.recover(&mut ApplyReport::default())?;
+        Ok(Session { rep, recovered })
+    }
+
+    /// The replica's applied state (`None` for a replica never applied to).
+    pub fn applied(&self) -> Result<Option<Applied>, ApplyError> {
+        read_applied_in(&self.rep.state)
+    }
+
+    /// The hashes of the content kept from batches that failed (at most
+    /// `limit` of them): a batch may name them in `CreateFromKept`.
+    pub fn kept(&self, limit: usize) -> Result<Vec<Hash>, ApplyError> {
+        self.rep.kept(limit)
+    }
+
+    /// Applies one batch (see the module docs).
+    pub fn apply_from(
+        &mut self,
+        reader: &mut impl OpSource,
+        options: &ApplyOptions,
+    ) -> Result<ApplyReport, ApplyError> {
+        let rep = &self.rep;
+        let mut report = ApplyReport {
+            recovered: std::mem::take(&mut self.recovered),
+            ..ApplyReport::default()
+        };
+        let applied = read_applied_in(&rep.state)?;
+        let h = reader.header().clone();
+        report.from_seq = h.from_seq;
+        report.to_seq = h.to_seq;
+        let mut replica_id = h.replica_id;
+        if let Some(a) = applied {
+            if a.source_id != h.source_id {
+                return Err(ApplyError::WrongSource {
+                    batch: hex(&h.source_id),
+                    replica: hex(&a.source_id),
                 });
             }
-            replica_id = a.replica_id;
+            if a.replica_id != ANY_REPLICA {
+                if h.replica_id != ANY_REPLICA && h.replica_id != a.replica_id {
+                    return Err(ApplyError::WrongReplica {
+                        batch: hex(&h.replica_id),
+                        replica: hex(&a.replica_id),
+                    });
+                }
+                replica_id = a.replica_id;
+            }
+            if h.to_seq <= a.seq {
+                report.skipped = true;
+                return Ok(report);
+            }
         }
-        if h.to_seq <= a.seq {
-            report.skipped = true;
-            return Ok(report);
+        let applied_seq = applied.map_or(0, |a| a.seq);
+        if h.from_seq > applied_seq {
+            return Err(ApplyError::Gap {
+                applied: applied_seq,
+                from_seq: h.from_seq,
+            });
         }
-    }
-    let applied_seq = applied.map_or(0, |a| a.seq);
-    if h.from_seq > applied_seq {
-        return Err(ApplyError::Gap {
-            applied: applied_seq,
-            from_seq: h.from_seq,
-        });
-    }
-    if h.from_seq < applied_seq {
-        return Err(ApplyError::Overlap {
-            applied: applied_seq,
+        if h.from_seq < applied_seq {
+            return Err(ApplyError::Overlap {
+                applied: applied_seq,
+                from_seq: h.from_seq,
+                to_seq: h.to_seq,
+            });
+        }
+
+        let mut crash = Crash {
+            n: 0,
+            at: options.crash_after_step,
+        };
+        let staging_started = Instant::now();
+        let staged = Stager::new(&rep.root, &rep.staging, &rep.kept, &rep.trees).run(reader);
+        let Staged {
+            entries,
+            count,
+            trees,
+            replica_bytes_read,
+            to_sync,
+            warnings,
+        } = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                // Best effort: the next apply empties staging anyway.
+                let _ = rep.clean_staging();
+                return Err(e);
+            }
+        };
+        report.staging_us = micros(staging_started);
+        let sync_started = Instant::now();
+        to_sync
+            .sync(&rep.staging)
+            .map_err(rep.err(rep.state.join("staging"), "syncing the staged files"))?;
+        rep.sync_staging_dirs()?;
+        report.sync_us = micros(sync_started);
+        report.ops = reader.stats().ops;
+        report.content_bytes = reader.stats().content_bytes;
+        report.staged = count;
+        report.replica_bytes_read = replica_bytes_read;
+        report.warnings = warnings;
+        crash.point()?;
+
+        let log = CommitLog {
+            source_id: h.source_id,
+            replica_id,
             from_seq: h.from_seq,
             to_seq: h.to_seq,
-        });
+            entries,
+        };
+        rep.remove_progress()?;
+        File::create(rep.marker(0)).map_err(rep.err(rep.marker(0), "creating"))?;
+        rep.write_log(&log)?;
+        crash.point()?;
+        rep.commit(&log, &mut report, &mut crash, &trees)?;
+        Ok(report)
     }
-
-    let mut crash = Crash {
-        n: 0,
-        at: options.crash_after_step,
-    };
-    let staging_started = Instant::now();
-    let staged = Stager::new(&rep.root, &rep.staging, &rep.trees).run(reader);
-    let Staged {
-        entries,
-        count,
-        trees,
-        replica_bytes_read,
-        to_sync,
-        warnings,
-    } = match staged {
-        Ok(s) => s,
-        Err(e) => {
-            // Best effort: the next apply empties staging anyway.
-            let _ = rep.clean_staging();
-            return Err(e);
-        }
-    };
-    report.staging_us = micros(staging_started);
-    let sync_started = Instant::now();
-    to_sync
-        .sync(&rep.staging)
-        .map_err(rep.err(rep.state.join("staging"), "syncing the staged files"))?;
-    rep.sync_staging_dirs()?;
-    report.sync_us = micros(sync_started);
-    report.ops = reader.stats().ops;
-    report.content_bytes = reader.stats().content_bytes;
-    report.staged = count;
-    report.replica_bytes_read = replica_bytes_read;
-    report.warnings = warnings;
-    crash.point()?;
-
-    let log = CommitLog {
-        source_id: h.source_id,
-        replica_id,
-        from_seq: h.from_seq,
-        to_seq: h.to_seq,
-        entries,
-    };
-    rep.remove_progress()?;
-    File::create(rep.marker(0)).map_err(rep.err(rep.marker(0), "creating"))?;
-    rep.write_log(&log)?;
-    crash.point()?;
-    rep.commit(&log, &mut report, &mut crash, &trees)?;
-    Ok(report)
 }
 
 /// Applies a batch file: validates the whole file first (every frame,

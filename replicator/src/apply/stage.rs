@@ -156,6 +156,9 @@ struct Streamed {
 pub struct Stager<'a> {
     root: &'a Root,
     staging: &'a OwnedFd,
+    /// `kept/`: content of complete staged files kept from batches that
+    /// did not finish, by hash (see `keep_complete`).
+    kept: &'a OwnedFd,
     trees: &'a TreeCache,
     overlay: BTreeMap<RelPath, Node>,
     /// Pending in-place changes per replica inode.
@@ -283,10 +286,16 @@ fn starts_with(p: &RelPath, q: &RelPath) -> bool {
 }
 
 impl<'a> Stager<'a> {
-    pub fn new(root: &'a Root, staging: &'a OwnedFd, trees: &'a TreeCache) -> Stager<'a> {
+    pub fn new(
+        root: &'a Root,
+        staging: &'a OwnedFd,
+        kept: &'a OwnedFd,
+        trees: &'a TreeCache,
+    ) -> Stager<'a> {
         Stager {
             root,
             staging,
+            kept,
             trees,
             overlay: BTreeMap::new(),
             pending: HashMap::new(),
@@ -350,15 +359,12 @@ impl<'a> Stager<'a> {
     }
 
     /// Reads every operation and stages it; returns the steps once the
-    /// batch's trailer has been verified.
+    /// batch's trailer has been verified. A batch that fails leaves the
+    /// content of its complete files in `kept/` (`keep_complete`).
     pub fn run(mut self, reader: &mut impl OpSource) -> Result<Staged, ApplyError> {
-        while let Some(op) = reader.next_op()? {
-            self.index = reader.stats().ops;
-            self.op = op.name();
-            if let Some(p) = op.paths().first() {
-                self.path = (*p).clone();
-            }
-            self.stage(op)?;
+        if let Err(e) = self.stage_all(reader) {
+            self.keep_complete();
+            return Err(e);
         }
         for (id, (kind, a, m)) in std::mem::take(&mut self.staged_times) {
             self.set_staged_meta(id, kind, &Meta::Utimes(a, m));
@@ -371,6 +377,50 @@ impl<'a> Stager<'a> {
             replica_bytes_read: self.replica_bytes_read,
             to_sync: self.to_sync,
         })
+    }
+
+    fn stage_all(&mut self, reader: &mut impl OpSource) -> Result<(), ApplyError> {
+        while let Some(op) = reader.next_op()? {
+            self.index = reader.stats().ops;
+            self.op = op.name();
+            if let Some(p) = op.paths().first() {
+                self.path = (*p).clone();
+            }
+            self.stage(op)?;
+        }
+        Ok(())
+    }
+
+    /// Moves every complete staged file of a batch that failed (cut off,
+    /// refused) to `kept/<hash of its content>` and makes them durable, so
+    /// that a sender told of them on its next connection need not send
+    /// them again (`CreateFromKept`). Best effort: what cannot be kept is
+    /// sent again. A staged file's tree is its current content (in-place
+    /// changes in the batch update it), and a failure comes between
+    /// operations, never inside one: the name is exact.
+    fn keep_complete(&mut self) {
+        let mut kept = 0;
+        for (id, tree) in &self.staged_trees {
+            if tree.size() == 0 {
+                continue;
+            }
+            let to = CString::new(tree.root().to_string()).expect("hex has no NUL");
+            let from = self.location(*id);
+            if nix::fcntl::renameat(self.staging, from.as_c_str(), self.kept, to.as_c_str()).is_ok()
+            {
+                kept += 1;
+            }
+        }
+        if kept == 0 {
+            return;
+        }
+        let synced = std::mem::take(&mut self.to_sync)
+            .sync(self.staging)
+            .and_then(|()| nix::unistd::fsync(self.kept).map_err(io::Error::from));
+        if let Err(e) = synced {
+            tracing::warn!("syncing the content kept from a failed batch: {e}");
+        }
+        tracing::info!(files = kept, "kept the complete files of a failed batch");
     }
 
     /// The current tree of the replica inode `ino`, if the batch sets its
@@ -916,11 +966,46 @@ impl<'a> Stager<'a> {
                 let (id, file, tree) = self.stage_delta(data, base, &delta, result)?;
                 self.finish_new_file(&path, id, &file, mode, tree)?;
             }
+            Op::CreateFromKept { path, mode, result } => {
+                self.check_new(&path, false)?;
+                let (id, name) = self.new_entry(&path)?;
+                let kept = CString::new(result.to_string()).expect("hex has no NUL");
+                nix::fcntl::renameat(self.kept, kept.as_c_str(), self.staging, name.as_c_str())
+                    .map_err(|e| match e {
+                        Errno::ENOENT => self.err(format!("the replica kept no content {result}")),
+                        e => self.errno("taking kept content", e),
+                    })?;
+                let file = self.open_staged(id, OFlag::O_RDWR)?;
+                self.forget_metadata(&file)?;
+                let size = file.metadata().map_err(|e| self.io("fstat", e))?.len();
+                // Checked again: the kept file is only a name in the state
+                // directory, and reading it is far cheaper than a resend.
+                let tree = ContentTree::build(size, |i, buf| file.read_exact_at(buf, i * LEAF))
+                    .map_err(|e| self.io("reading the kept content", e))?;
+                if tree.root() != result {
+                    return Err(self.err("the kept content does not match its hash"));
+                }
+                self.finish_new_file(&path, id, &file, mode, tree)?;
+            }
             Op::Chmod { path, mode } => self.meta(path, Meta::Chmod(mode))?,
             Op::Chown { path, uid, gid } => self.meta(path, Meta::Chown(uid, gid))?,
             Op::Utimes { path, atime, mtime } => self.meta(path, Meta::Utimes(atime, mtime))?,
             Op::SetXattr { path, name, value } => self.meta(path, Meta::SetXattr(name, value))?,
             Op::RemoveXattr { path, name } => self.meta(path, Meta::RemoveXattr(name))?,
+        }
+        Ok(())
+    }
+
+    /// Removes the extended attributes a kept file had from the batch it
+    /// was staged for: the batch that takes it sets its own.
+    fn forget_metadata(&self, file: &File) -> Result<(), ApplyError> {
+        use xattr::FileExt as _;
+        let names = file
+            .list_xattr()
+            .map_err(|e| self.io("listing xattrs", e))?;
+        for name in names {
+            file.remove_xattr(&name)
+                .map_err(|e| self.io("removing an xattr", e))?;
         }
         Ok(())
     }

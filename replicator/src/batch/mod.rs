@@ -38,6 +38,7 @@ mod tests;
 pub use content::{Chunk, Content, ContentError, Extent};
 pub use error::{BatchError, BatchErrorKind, Part};
 pub use frame::FrameKind;
+pub(crate) use frame::read_full;
 pub use local::{LocalReceiver, LocalSender, OpSink, OpSource, local};
 pub use op::{Hash, NodeKind, Op, OpError, Timestamp, WriteRange};
 pub use path::{PathError, RelPath};

@@ -21,6 +21,15 @@ impl Hash {
     pub fn of(data: &[u8]) -> Hash {
         Hash(*blake3::hash(data).as_bytes())
     }
+
+    /// Parses 64 lowercase hex digits, as [`Display`](fmt::Display)
+    /// writes them.
+    pub fn from_hex(s: &str) -> Option<Hash> {
+        blake3::Hash::from_hex(s)
+            .ok()
+            .filter(|_| s.bytes().all(|b| !b.is_ascii_uppercase()))
+            .map(Hash::from)
+    }
 }
 
 impl From<blake3::Hash> for Hash {
@@ -198,6 +207,16 @@ pub enum Op {
         mode: u32,
         result: Hash,
     },
+    /// A new file whose content the replica kept from an earlier transfer
+    /// that was cut off before its commit, found by its hash `result` (the
+    /// replica lists what it kept when a connection opens). Only a sender
+    /// that was told the replica holds it sends this; a batch file never
+    /// holds one.
+    CreateFromKept {
+        path: RelPath,
+        mode: u32,
+        result: Hash,
+    },
 }
 
 fn ranges<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<WriteRange>, D::Error> {
@@ -242,6 +261,7 @@ impl Op {
             Op::FileData { .. } => "FileData",
             Op::EndFile => "EndFile",
             Op::CreateFromDelta { .. } => "CreateFromDelta",
+            Op::CreateFromKept { .. } => "CreateFromKept",
         }
     }
 
@@ -271,7 +291,8 @@ impl Op {
             | Op::Utimes { path, .. }
             | Op::SetXattr { path, .. }
             | Op::RemoveXattr { path, .. }
-            | Op::BeginFile { path, .. } => vec![path],
+            | Op::BeginFile { path, .. }
+            | Op::CreateFromKept { path, .. } => vec![path],
             Op::FileData { .. } | Op::EndFile => vec![],
         }
     }
@@ -450,6 +471,10 @@ impl Op {
                 Ok(())
             }
             Op::RemoveXattr { name, .. } => xattr_name(name),
+            Op::CreateFromKept { path, mode: m, .. } => {
+                not_root("path", path)?;
+                mode(*m)
+            }
             Op::BeginFile {
                 path,
                 mode: m,

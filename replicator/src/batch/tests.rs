@@ -1330,3 +1330,940 @@ fn write_fuzz_seed_corpus() {
         }
     }
 }
+
+/// Writes the seed corpus of the `apply_batch` fuzz target when asked:
+/// `FERRY_FUZZ_CORPUS=fuzz/corpus/apply_batch cargo test -p ferry-replicator -- --ignored write_apply_fuzz_seed_corpus`
+///
+/// Every seed is a real batch from seq 0 (as `ferry push` writes them, with
+/// unbounded header counts) for the replica tree the target makes before
+/// each input: `populate` in `fuzz/fuzz_targets/apply_batch.rs`, repeated
+/// here (keep the two in step). Together the seeds hold every operation,
+/// on replica entries and on entries the same batch made. Each seed is
+/// applied to that tree here and must apply, or, for the attempts to reach
+/// outside the root through a symlink, be refused, without changing the
+/// directory beside the replica that `r/out` points to.
+#[test]
+#[ignore = "writes files; run explicitly to refresh the apply_batch fuzz corpus"]
+fn write_apply_fuzz_seed_corpus() {
+    use std::fs;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    use std::path::{Path, PathBuf};
+
+    use crate::apply::{ApplyOptions, apply};
+
+    const A_TXT: &[u8] = b"hello, replica\n";
+    const B_TXT: &[u8] = b"world\n";
+    const C_TXT: &[u8] = b"deep\n";
+    const CANARY: &[u8] = b"canary: must never change\n";
+    const NESTED: &[u8] = b"nested outside\n";
+    const BIG_LEN: usize = 40_000;
+
+    fn big() -> Vec<u8> {
+        (0..BIG_LEN).map(|i| (i % 251) as u8).collect()
+    }
+
+    fn write(path: &Path, data: &[u8], mode: u32) {
+        fs::write(path, data).expect("write a fixture file");
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    /// The fuzz target's tree: see `populate` there.
+    fn populate(dir: &Path) -> (PathBuf, PathBuf) {
+        let r = dir.join("r");
+        let outside = dir.join("outside");
+        for d in [&r, &r.join("sub"), &r.join("sub/deep"), &r.join("empty")] {
+            fs::create_dir(d).expect("mkdir");
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        fs::create_dir_all(outside.join("nested")).expect("mkdir outside");
+        write(&r.join("a.txt"), A_TXT, 0o644);
+        let _ = xattr::set(r.join("a.txt"), "user.fuzz", b"1");
+        fs::hard_link(r.join("a.txt"), r.join("a.link")).expect("link");
+        write(&r.join("big.bin"), &big(), 0o644);
+        write(&r.join("sub/b.txt"), B_TXT, 0o600);
+        write(&r.join("sub/deep/c.txt"), C_TXT, 0o644);
+        symlink("../outside", r.join("out")).expect("symlink out");
+        symlink("sub", r.join("in")).expect("symlink in");
+        write(&outside.join("canary"), CANARY, 0o644);
+        write(&outside.join("nested/n.txt"), NESTED, 0o644);
+        (r, outside)
+    }
+
+    /// Names, modes and contents below `dir`, without following symlinks.
+    fn listing(dir: &Path) -> Vec<(PathBuf, u32, Option<Vec<u8>>)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            let md = fs::symlink_metadata(&d).expect("lstat");
+            let content = md.is_file().then(|| fs::read(&d).expect("read"));
+            out.push((d.clone(), md.mode(), content));
+            if md.is_dir() {
+                for e in fs::read_dir(&d).expect("readdir") {
+                    todo.push(e.expect("entry").path());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn seal(ops: &[Op]) -> Vec<u8> {
+        let header = BatchHeader {
+            source_id: [0x5e; 16],
+            replica_id: ANY_REPLICA,
+            from_seq: 0,
+            to_seq: 1,
+            expected_state: [0; 32],
+            created_unix_ns: 1_700_000_000_000_000_000,
+            op_count: u64::MAX,
+            content_bytes: u64::MAX,
+        };
+        let mut w = BatchWriter::new(Vec::new(), header).expect("header");
+        for op in ops {
+            w.push(op).expect("a well-formed op");
+        }
+        w.finish().expect("trailer").0
+    }
+
+    fn delta(base: &[u8], new: &[u8]) -> Vec<u8> {
+        let sig = fast_rsync::Signature::calculate(
+            base,
+            fast_rsync::SignatureOptions {
+                block_size: 64,
+                crypto_hash_size: 8,
+            },
+        );
+        let mut out = Vec::new();
+        fast_rsync::diff(&sig.index(), new, &mut out).expect("diff");
+        out
+    }
+
+    fn create(path: &str, mode: u32, content: Content) -> Op {
+        let data = content.to_vec(1 << 30).expect("content");
+        Op::CreateFile {
+            path: p(path),
+            mode,
+            content,
+            result: Hash::of(&data),
+        }
+    }
+
+    fn raw(path: &str, data: &[u8]) -> Op {
+        create(path, 0o644, Content::Raw(data.to_vec()))
+    }
+
+    fn edited(base: &[u8], at: usize, bytes: &[u8]) -> Vec<u8> {
+        let mut out = base.to_vec();
+        if out.len() < at + bytes.len() {
+            out.resize(at + bytes.len(), 0);
+        }
+        out[at..at + bytes.len()].copy_from_slice(bytes);
+        out
+    }
+
+    fn time(sec: i64, nsec: u32) -> Timestamp {
+        Timestamp { sec, nsec }
+    }
+
+    let Some(corpus) = std::env::var_os("FERRY_FUZZ_CORPUS") else {
+        return;
+    };
+    let corpus = PathBuf::from(corpus);
+    fs::create_dir_all(&corpus).expect("create corpus dir");
+
+    let big = big();
+    let mut big_edits = big.clone();
+    big_edits[100..102].copy_from_slice(b"XY");
+    big_edits[30_000..30_010].copy_from_slice(&[b'Z'; 10]);
+    let big_edits = edited(&big_edits, 39_995, b"0123456789");
+    let mut big2 = big.clone();
+    big2.splice(20_000..20_010, b"EDITED IN THE MIDDLE".iter().copied());
+    let mut big3 = big2.clone();
+    big3.truncate(30_000);
+    big3.extend_from_slice(b"a new tail");
+    let a2 = b"hello, edited replica\n".to_vec();
+    let canary_x = edited(CANARY, 0, b"X");
+    let streamed = |path: &str, size: u64, pieces: &[(u64, Chunk)]| -> Vec<Op> {
+        let mut data = vec![0u8; size as usize];
+        for (at, c) in pieces {
+            let bytes = c.to_vec().expect("chunk");
+            data[*at as usize..*at as usize + bytes.len()].copy_from_slice(&bytes);
+        }
+        let mut ops = vec![Op::BeginFile {
+            path: p(path),
+            mode: 0o644,
+            size,
+            result: Hash::of(&data),
+        }];
+        ops.extend(pieces.iter().map(|(offset, data)| Op::FileData {
+            offset: *offset,
+            data: data.clone(),
+        }));
+        ops.push(Op::EndFile);
+        ops
+    };
+    let zstd = Content::compress_if_it_pays(&text(10_000));
+    assert!(matches!(zstd, Content::Zstd { .. }), "text compresses");
+    let sparse = Content::Sparse {
+        size: 100_000,
+        extents: vec![
+            Extent {
+                offset: 0,
+                data: Chunk::Raw(b"head".to_vec()),
+            },
+            Extent {
+                offset: 50_000,
+                data: Chunk::compress_if_it_pays(&text(4096)),
+            },
+            Extent {
+                offset: 99_990,
+                data: Chunk::Raw(b"tail".to_vec()),
+            },
+        ],
+    };
+    let staged0 = text(100);
+    let staged1 = edited(&staged0, 0, b"THE");
+    let staged2 = staged1[..50].to_vec();
+    let staged3 = [&staged2[..], b" and more"].concat();
+
+    let ok_seeds: Vec<(&str, Vec<Op>)> = vec![
+        ("empty", vec![]),
+        (
+            "mkdir",
+            vec![
+                Op::Mkdir {
+                    path: p("new"),
+                    mode: 0o755,
+                },
+                Op::Mkdir {
+                    path: p("new/inner"),
+                    mode: 0o700,
+                },
+                Op::Mkdir {
+                    path: p("sub/z"),
+                    mode: 0o2750,
+                },
+            ],
+        ),
+        (
+            "symlink",
+            vec![
+                Op::Symlink {
+                    path: p("abs"),
+                    target: b"/etc/passwd".to_vec(),
+                },
+                Op::Symlink {
+                    path: p("sub/rel"),
+                    target: b"../a.txt".to_vec(),
+                },
+                Op::Symlink {
+                    path: p("up"),
+                    target: b"../outside/canary".to_vec(),
+                },
+            ],
+        ),
+        (
+            "mknod",
+            vec![
+                Op::Mknod {
+                    path: p("fifo"),
+                    kind: NodeKind::Fifo,
+                    mode: 0o644,
+                    rdev: 0,
+                },
+                Op::Mknod {
+                    path: p("sub/sock"),
+                    kind: NodeKind::Socket,
+                    mode: 0o600,
+                    rdev: 0,
+                },
+                // rdev 0: no device (the fuzz target makes every device
+                // node so).
+                Op::Mknod {
+                    path: p("chr"),
+                    kind: NodeKind::Char,
+                    mode: 0o600,
+                    rdev: 0,
+                },
+                Op::Mknod {
+                    path: p("blk"),
+                    kind: NodeKind::Block,
+                    mode: 0o600,
+                    rdev: 0,
+                },
+            ],
+        ),
+        (
+            "link",
+            vec![
+                Op::Link {
+                    existing: p("a.txt"),
+                    new: p("a2.txt"),
+                },
+                Op::Link {
+                    existing: p("sub/b.txt"),
+                    new: p("sub/deep/b2.txt"),
+                },
+                Op::Link {
+                    existing: p("out"),
+                    new: p("out2"),
+                },
+            ],
+        ),
+        (
+            "rename",
+            vec![
+                Op::Rename {
+                    from: p("a.txt"),
+                    to: p("a.renamed"),
+                    exchange: false,
+                },
+                Op::Rename {
+                    from: p("sub"),
+                    to: p("sub2"),
+                    exchange: false,
+                },
+                Op::Rename {
+                    from: p("empty"),
+                    to: p("sub2/empty2"),
+                    exchange: false,
+                },
+                Op::Rename {
+                    from: p("big.bin"),
+                    to: p("a.link"),
+                    exchange: false,
+                },
+            ],
+        ),
+        (
+            "rename-exchange",
+            vec![
+                Op::Rename {
+                    from: p("a.txt"),
+                    to: p("big.bin"),
+                    exchange: true,
+                },
+                Op::Rename {
+                    from: p("sub"),
+                    to: p("empty"),
+                    exchange: true,
+                },
+                Op::Rename {
+                    from: p("in"),
+                    to: p("out"),
+                    exchange: true,
+                },
+            ],
+        ),
+        (
+            "unlink",
+            vec![
+                Op::Unlink { path: p("a.link") },
+                Op::Unlink { path: p("out") },
+                Op::Unlink { path: p("in") },
+                Op::Unlink {
+                    path: p("sub/deep/c.txt"),
+                },
+            ],
+        ),
+        (
+            "rmdir",
+            vec![
+                Op::Rmdir { path: p("empty") },
+                Op::Unlink {
+                    path: p("sub/deep/c.txt"),
+                },
+                Op::Rmdir {
+                    path: p("sub/deep"),
+                },
+            ],
+        ),
+        (
+            "create-plain",
+            vec![
+                raw("new.txt", b"new file\n"),
+                create("sub/empty-file", 0o600, Content::Raw(vec![])),
+            ],
+        ),
+        ("create-zstd", vec![create("z.txt", 0o640, zstd.clone())]),
+        (
+            "create-sparse",
+            vec![create("sparse", 0o644, sparse.clone())],
+        ),
+        (
+            "create-over-existing",
+            vec![
+                create("a.txt", 0o600, Content::Raw(b"replaced\n".to_vec())),
+                raw("out", b"a file where the outward symlink was\n"),
+            ],
+        ),
+        (
+            "streamed",
+            [
+                streamed(
+                    "streamed",
+                    200_000,
+                    &[
+                        (0, Chunk::Raw(vec![1; 1000])),
+                        (100_000, Chunk::compress_if_it_pays(&text(5000))),
+                    ],
+                ),
+                streamed(
+                    "big.bin",
+                    70_000,
+                    &[(69_990, Chunk::Raw(b"at the end".to_vec()))],
+                ),
+            ]
+            .concat(),
+        ),
+        (
+            "write-ranges",
+            vec![
+                Op::WriteRanges {
+                    path: p("a.txt"),
+                    ranges: vec![
+                        WriteRange {
+                            offset: 0,
+                            data: b"HE".to_vec(),
+                        },
+                        WriteRange {
+                            offset: 15,
+                            data: b"more\n".to_vec(),
+                        },
+                    ],
+                    base: Hash::of(A_TXT),
+                    result: Hash::of(&edited(&edited(A_TXT, 0, b"HE"), 15, b"more\n")),
+                },
+                Op::WriteRanges {
+                    path: p("big.bin"),
+                    ranges: vec![
+                        WriteRange {
+                            offset: 100,
+                            data: b"XY".to_vec(),
+                        },
+                        WriteRange {
+                            offset: 30_000,
+                            data: vec![b'Z'; 10],
+                        },
+                        WriteRange {
+                            offset: 39_995,
+                            data: b"0123456789".to_vec(),
+                        },
+                    ],
+                    base: Hash::of(&big),
+                    result: Hash::of(&big_edits),
+                },
+            ],
+        ),
+        (
+            "truncate",
+            vec![
+                Op::Truncate {
+                    path: p("big.bin"),
+                    size: 20_000,
+                },
+                Op::Truncate {
+                    path: p("a.txt"),
+                    size: 100,
+                },
+                Op::Truncate {
+                    path: p("sub/b.txt"),
+                    size: 0,
+                },
+            ],
+        ),
+        (
+            "delta",
+            vec![Op::Delta {
+                path: p("big.bin"),
+                base: Hash::of(&big),
+                delta: delta(&big, &big2),
+                result: Hash::of(&big2),
+            }],
+        ),
+        // a.txt has two links: the result is copied into its inode.
+        (
+            "delta-hardlinked",
+            vec![Op::Delta {
+                path: p("a.txt"),
+                base: Hash::of(A_TXT),
+                delta: delta(A_TXT, &a2),
+                result: Hash::of(&a2),
+            }],
+        ),
+        (
+            "create-from-delta",
+            vec![
+                Op::CreateFromDelta {
+                    path: p("big.new"),
+                    basis: p("big.bin"),
+                    base: Hash::of(&big),
+                    delta: delta(&big, &big3),
+                    mode: 0o600,
+                    result: Hash::of(&big3),
+                },
+                Op::CreateFromDelta {
+                    path: p("sub/b.txt"),
+                    basis: p("sub/b.txt"),
+                    base: Hash::of(B_TXT),
+                    delta: delta(B_TXT, b"world, again\n"),
+                    mode: 0o644,
+                    result: Hash::of(b"world, again\n"),
+                },
+            ],
+        ),
+        (
+            "chmod",
+            vec![
+                Op::Chmod {
+                    path: p("a.txt"),
+                    mode: 0o600,
+                },
+                Op::Chmod {
+                    path: p("sub"),
+                    mode: 0o700,
+                },
+                Op::Chmod {
+                    path: RelPath::root(),
+                    mode: 0o750,
+                },
+                Op::Chmod {
+                    path: p("big.bin"),
+                    mode: 0o4755,
+                },
+            ],
+        ),
+        (
+            "chown",
+            vec![
+                Op::Chown {
+                    path: p("a.txt"),
+                    uid: 1000,
+                    gid: 1000,
+                },
+                Op::Chown {
+                    path: p("sub"),
+                    uid: 0,
+                    gid: 100,
+                },
+                Op::Chown {
+                    path: RelPath::root(),
+                    uid: 0,
+                    gid: 0,
+                },
+            ],
+        ),
+        (
+            "utimes",
+            vec![
+                Op::Utimes {
+                    path: p("a.txt"),
+                    atime: time(1, 2),
+                    mtime: time(-5, 999_999_999),
+                },
+                Op::Utimes {
+                    path: p("sub"),
+                    atime: time(1_600_000_000, 0),
+                    mtime: time(1_700_000_000, 5),
+                },
+                Op::Utimes {
+                    path: RelPath::root(),
+                    atime: time(0, 0),
+                    mtime: time(1_234_567_890, 1),
+                },
+            ],
+        ),
+        (
+            "xattrs",
+            vec![
+                Op::SetXattr {
+                    path: p("a.txt"),
+                    name: b"user.k".to_vec(),
+                    value: vec![0, 1, 2],
+                },
+                Op::SetXattr {
+                    path: p("sub"),
+                    name: b"user.dir".to_vec(),
+                    value: b"d".to_vec(),
+                },
+                Op::SetXattr {
+                    path: RelPath::root(),
+                    name: b"user.root".to_vec(),
+                    value: vec![],
+                },
+                Op::RemoveXattr {
+                    path: p("a.txt"),
+                    name: b"user.fuzz".to_vec(),
+                },
+                Op::RemoveXattr {
+                    path: p("big.bin"),
+                    name: b"user.absent".to_vec(),
+                },
+            ],
+        ),
+        // Metadata of the symlink that points out of the root: the link
+        // itself changes (or the change is refused), never its target.
+        (
+            "meta-on-outward-symlink",
+            vec![
+                Op::Chmod {
+                    path: p("out"),
+                    mode: 0o777,
+                },
+                Op::Chown {
+                    path: p("out"),
+                    uid: 1,
+                    gid: 1,
+                },
+                Op::Utimes {
+                    path: p("out"),
+                    atime: time(1, 0),
+                    mtime: time(2, 0),
+                },
+                Op::SetXattr {
+                    path: p("out"),
+                    name: b"user.x".to_vec(),
+                    value: b"1".to_vec(),
+                },
+                Op::RemoveXattr {
+                    path: p("out"),
+                    name: b"user.x".to_vec(),
+                },
+            ],
+        ),
+        // Every change to entries the same batch made (still in staging).
+        (
+            "staged-then-changed",
+            vec![
+                Op::Mkdir {
+                    path: p("n"),
+                    mode: 0o755,
+                },
+                raw("n/f", &staged0),
+                Op::WriteRanges {
+                    path: p("n/f"),
+                    ranges: vec![WriteRange {
+                        offset: 0,
+                        data: b"THE".to_vec(),
+                    }],
+                    base: Hash::of(&staged0),
+                    result: Hash::of(&staged1),
+                },
+                Op::Truncate {
+                    path: p("n/f"),
+                    size: 50,
+                },
+                Op::Delta {
+                    path: p("n/f"),
+                    base: Hash::of(&staged2),
+                    delta: delta(&staged2, &staged3),
+                    result: Hash::of(&staged3),
+                },
+                Op::Chmod {
+                    path: p("n/f"),
+                    mode: 0o600,
+                },
+                Op::Chown {
+                    path: p("n/f"),
+                    uid: 1,
+                    gid: 1,
+                },
+                Op::Utimes {
+                    path: p("n/f"),
+                    atime: time(3, 0),
+                    mtime: time(4, 0),
+                },
+                Op::SetXattr {
+                    path: p("n/f"),
+                    name: b"user.s".to_vec(),
+                    value: b"staged".to_vec(),
+                },
+                Op::Rename {
+                    from: p("n/f"),
+                    to: p("n/g"),
+                    exchange: false,
+                },
+                Op::Link {
+                    existing: p("n/g"),
+                    new: p("h"),
+                },
+                Op::Unlink { path: p("n/g") },
+                Op::Symlink {
+                    path: p("n/l"),
+                    target: b"g".to_vec(),
+                },
+                Op::Rename {
+                    from: p("n"),
+                    to: p("m"),
+                    exchange: false,
+                },
+            ],
+        ),
+        (
+            "every-op",
+            [
+                vec![
+                    Op::Mkdir {
+                        path: p("new"),
+                        mode: 0o755,
+                    },
+                    Op::Mkdir {
+                        path: p("new/inner"),
+                        mode: 0o700,
+                    },
+                    Op::Symlink {
+                        path: p("new/s"),
+                        target: b"../outside/canary".to_vec(),
+                    },
+                    Op::Mknod {
+                        path: p("new/fifo"),
+                        kind: NodeKind::Fifo,
+                        mode: 0o644,
+                        rdev: 0,
+                    },
+                    raw("new/plain", b"plain\n"),
+                    create("new/z", 0o640, zstd.clone()),
+                    create("new/sparse", 0o644, sparse.clone()),
+                ],
+                streamed(
+                    "new/streamed",
+                    200_000,
+                    &[
+                        (0, Chunk::Raw(vec![1; 1000])),
+                        (100_000, Chunk::compress_if_it_pays(&text(5000))),
+                    ],
+                ),
+                vec![
+                    Op::Link {
+                        existing: p("a.txt"),
+                        new: p("new/a.hard"),
+                    },
+                    Op::Rename {
+                        from: p("sub/b.txt"),
+                        to: p("sub/deep/c.txt"),
+                        exchange: true,
+                    },
+                    Op::Rename {
+                        from: p("new/plain"),
+                        to: p("plain.moved"),
+                        exchange: false,
+                    },
+                    Op::WriteRanges {
+                        path: p("a.txt"),
+                        ranges: vec![WriteRange {
+                            offset: 0,
+                            data: b"HE".to_vec(),
+                        }],
+                        base: Hash::of(A_TXT),
+                        result: Hash::of(&edited(A_TXT, 0, b"HE")),
+                    },
+                    Op::Truncate {
+                        path: p("plain.moved"),
+                        size: 3,
+                    },
+                    Op::Delta {
+                        path: p("big.bin"),
+                        base: Hash::of(&big),
+                        delta: delta(&big, &big2),
+                        result: Hash::of(&big2),
+                    },
+                    Op::CreateFromDelta {
+                        path: p("big.copy"),
+                        basis: p("big.bin"),
+                        base: Hash::of(&big2),
+                        delta: delta(&big2, &big3),
+                        mode: 0o600,
+                        result: Hash::of(&big3),
+                    },
+                    Op::Chmod {
+                        path: p("sub"),
+                        mode: 0o750,
+                    },
+                    Op::Chmod {
+                        path: RelPath::root(),
+                        mode: 0o755,
+                    },
+                    Op::Chown {
+                        path: p("new/z"),
+                        uid: 1000,
+                        gid: 1000,
+                    },
+                    Op::Chown {
+                        path: p("a.txt"),
+                        uid: 0,
+                        gid: 0,
+                    },
+                    Op::Utimes {
+                        path: p("new"),
+                        atime: time(1_600_000_000, 1),
+                        mtime: time(1_700_000_000, 2),
+                    },
+                    Op::Utimes {
+                        path: p("a.txt"),
+                        atime: time(5, 6),
+                        mtime: time(7, 8),
+                    },
+                    Op::SetXattr {
+                        path: p("a.txt"),
+                        name: b"user.k".to_vec(),
+                        value: b"v".to_vec(),
+                    },
+                    Op::SetXattr {
+                        path: p("new"),
+                        name: b"user.d".to_vec(),
+                        value: b"dir".to_vec(),
+                    },
+                    Op::RemoveXattr {
+                        path: p("a.txt"),
+                        name: b"user.fuzz".to_vec(),
+                    },
+                    Op::Unlink { path: p("a.link") },
+                    Op::Unlink { path: p("out") },
+                    Op::Rmdir { path: p("empty") },
+                    Op::Rename {
+                        from: p("sub"),
+                        to: p("sub.moved"),
+                        exchange: false,
+                    },
+                ],
+            ]
+            .concat(),
+        ),
+    ];
+
+    // Each refused: a symlink in the path.
+    let escapes: Vec<(&str, Vec<Op>)> = vec![
+        ("escape-create", vec![raw("out/evil", b"evil")]),
+        (
+            "escape-unlink",
+            vec![Op::Unlink {
+                path: p("out/canary"),
+            }],
+        ),
+        (
+            "escape-rename-into",
+            vec![Op::Rename {
+                from: p("a.txt"),
+                to: p("out/a.txt"),
+                exchange: false,
+            }],
+        ),
+        (
+            "escape-rename-from",
+            vec![Op::Rename {
+                from: p("out/canary"),
+                to: p("stolen"),
+                exchange: true,
+            }],
+        ),
+        (
+            "escape-link",
+            vec![Op::Link {
+                existing: p("out/canary"),
+                new: p("stolen"),
+            }],
+        ),
+        (
+            "escape-write",
+            vec![Op::WriteRanges {
+                path: p("out/canary"),
+                ranges: vec![WriteRange {
+                    offset: 0,
+                    data: b"X".to_vec(),
+                }],
+                base: Hash::of(CANARY),
+                result: Hash::of(&canary_x),
+            }],
+        ),
+        (
+            "escape-truncate",
+            vec![Op::Truncate {
+                path: p("out/canary"),
+                size: 0,
+            }],
+        ),
+        (
+            "escape-chmod",
+            vec![Op::Chmod {
+                path: p("out/canary"),
+                mode: 0o777,
+            }],
+        ),
+        (
+            "escape-xattr",
+            vec![Op::SetXattr {
+                path: p("out/nested"),
+                name: b"user.evil".to_vec(),
+                value: b"1".to_vec(),
+            }],
+        ),
+        (
+            "escape-mkdir",
+            vec![Op::Mkdir {
+                path: p("out/d"),
+                mode: 0o777,
+            }],
+        ),
+        (
+            "escape-delta-basis",
+            vec![Op::CreateFromDelta {
+                path: p("stolen"),
+                basis: p("out/canary"),
+                base: Hash::of(CANARY),
+                delta: delta(CANARY, &canary_x),
+                mode: 0o644,
+                result: Hash::of(&canary_x),
+            }],
+        ),
+        ("escape-inner-symlink", vec![raw("in/x", b"x")]),
+        (
+            "escape-new-symlink",
+            vec![
+                Op::Symlink {
+                    path: p("esc"),
+                    target: b"../outside".to_vec(),
+                },
+                raw("esc/evil", b"evil"),
+            ],
+        ),
+        (
+            "escape-renamed-symlink",
+            vec![
+                Op::Rename {
+                    from: p("out"),
+                    to: p("o2"),
+                    exchange: false,
+                },
+                Op::Unlink {
+                    path: p("o2/canary"),
+                },
+            ],
+        ),
+    ];
+
+    let seeds = ok_seeds
+        .iter()
+        .map(|s| (s, true))
+        .chain(escapes.iter().map(|s| (s, false)));
+    for ((name, ops), ok) in seeds {
+        let bytes = seal(ops);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (r, outside) = populate(dir.path());
+        let before = listing(&outside);
+        let result = apply(&r, &bytes[..], &ApplyOptions::default());
+        match (&result, ok) {
+            (Ok(report), true) => assert_eq!(report.to_seq, 1, "{name}"),
+            // Through the model's own symlink the path does not exist.
+            (Err(e), false) => assert!(
+                ["symlink", "does not exist"]
+                    .iter()
+                    .any(|why| e.to_string().contains(why)),
+                "{name}: refused for another reason: {e}"
+            ),
+            _ => panic!("{name}: {result:?}"),
+        }
+        assert_eq!(listing(&outside), before, "{name}: outside/ changed");
+        fs::write(corpus.join(name), bytes).expect("write seed");
+    }
+}

@@ -22,11 +22,16 @@
 //!    for the next push, and drops log segments every replica has applied
 //!    (`Journal::compact`).
 
+mod batch_dir;
 mod cache;
+mod local;
 mod plan;
+mod remote;
 mod report;
 mod source;
 
+pub use batch_dir::{batch_file_name, push_batch_dir};
+pub use remote::push_remote;
 pub use report::{Progress, PushError, PushOptions, PushReport};
 
 use std::collections::{HashMap, HashSet};
@@ -34,13 +39,55 @@ use std::io;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use journal::{Changeset, FileId, Journal, NsStep, Seq};
+use journal::{Changeset, FileId, Journal, JournalError, NsStep, Seq};
 
-use crate::apply::{self, ApplyError, ApplyOptions, ApplyReport};
-use crate::batch::{self, ANY_REPLICA, BatchHeader, BatchWriter};
+use crate::apply::{Applied, ApplyReport};
+use crate::batch::{ANY_REPLICA, BatchHeader, BatchWriter, Hash};
 use cache::ReplicaCopy;
 use plan::{Plan, Written};
 use source::Source;
+
+/// Where a push's batch goes: a replica directory on this machine, a
+/// receiver at the other end of a connection, or a directory of batch
+/// files.
+trait Destination {
+    /// The name the journal records this destination's progress under.
+    fn name(&self) -> String;
+    /// The replica's applied state, and the content it kept from a
+    /// transfer cut off before its commit (by hash).
+    fn state(&mut self) -> Result<(Option<Applied>, HashSet<Hash>), PushError>;
+    /// Whether content is compressed where it pays (the bytes travel).
+    fn compress(&self) -> bool;
+    /// The replica the batches are made for ([`ANY_REPLICA`] unless the
+    /// destination is a stream of its own).
+    fn replica_id(&self, _journal_id: [u8; 16]) -> [u8; 16] {
+        ANY_REPLICA
+    }
+    /// Carries the batch `plan` writes to the replica and has it applied.
+    fn send(
+        &mut self,
+        plan: &Plan<'_>,
+        header: BatchHeader,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Delivered, Attempt>;
+    /// Records in the journal what the destination now holds.
+    fn record(
+        &self,
+        journal: &Journal,
+        to: Seq,
+        cache: &[(FileId, Option<Vec<u8>>)],
+    ) -> Result<(), JournalError> {
+        journal.acknowledge(&self.name(), to, cache)
+    }
+}
+
+/// A batch carried and applied.
+struct Delivered {
+    written: Written,
+    /// The batch's size.
+    bytes: u64,
+    applied: ApplyReport,
+}
 
 /// Pushes everything the journal recorded that `replica` has not applied:
 /// plans one batch from the journal (renames as renames, changed ranges,
@@ -57,23 +104,32 @@ pub fn push(
     opts: &PushOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<PushReport, PushError> {
-    let started = Instant::now();
-    let apply_err = |source| PushError::Apply {
-        replica: replica.to_path_buf(),
+    push_to(
+        journal,
         source,
-    };
+        &mut local::Local { replica },
+        opts,
+        progress,
+    )
+}
+
+fn push_to(
+    journal: &Journal,
+    source: &Path,
+    destination: &mut dyn Destination,
+    opts: &PushOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<PushReport, PushError> {
+    let started = Instant::now();
     let journal_id = journal.journal_id()?;
-    // A commit an earlier push left half done (it was killed) is finished
-    // first: the replica's sequence number is the one after it.
-    apply::recover(replica).map_err(apply_err)?;
-    let applied = apply::read_applied(replica).map_err(apply_err)?;
+    let (applied, kept) = destination.state()?;
     if let Some(a) = applied
         && a.source_id != journal_id
     {
         return Err(PushError::Other(format!(
             "{} is a replica of another source (journal {}), not of {}",
-            replica.display(),
-            apply::hex(&a.source_id),
+            destination.name(),
+            crate::apply::hex(&a.source_id),
             source.display()
         )));
     }
@@ -109,11 +165,9 @@ pub fn push(
     for r in &pending.records {
         after.apply(r);
     }
-    tracing::debug!(ms = started.elapsed().as_millis(), "push: changeset");
     let steps = changes
         .namespace_plan(&pending.before, &after)
         .map_err(|e| PushError::Other(format!("planning the namespace changes: {e}")))?;
-    tracing::debug!(ms = started.elapsed().as_millis(), "push: namespace steps");
     let cache = load_cache(journal, &changes, &steps)?;
     tracing::debug!(
         ms = started.elapsed().as_millis(),
@@ -124,7 +178,7 @@ pub fn push(
 
     let header = BatchHeader {
         source_id: journal_id,
-        replica_id: ANY_REPLICA,
+        replica_id: destination.replica_id(journal_id),
         from_seq: from.0,
         to_seq: to.0,
         expected_state: [0; 32],
@@ -137,7 +191,7 @@ pub fn push(
     };
     let src = Source::new(source);
     let mut whole: HashSet<FileId> = HashSet::new();
-    let (written, bytes, applied) = loop {
+    let delivered = loop {
         let plan = Plan {
             journal,
             source: &src,
@@ -146,13 +200,14 @@ pub fn push(
             after: &after,
             cache: &cache,
             whole: &whole,
+            kept: &kept,
             live: !opts.dry_run,
-            compress: false,
+            compress: destination.compress(),
         };
         let attempt = if opts.dry_run {
-            dry_run(&plan, header.clone(), progress).map(|(w, b)| (w, b, None))
+            dry_run(&plan, header.clone(), progress)
         } else {
-            apply_local(&plan, header.clone(), replica, progress).map(|(w, b, a)| (w, b, Some(a)))
+            destination.send(&plan, header.clone(), progress)
         };
         match attempt {
             Ok(done) => break done,
@@ -169,6 +224,11 @@ pub fn push(
             Err(Attempt::Failed(e)) => return Err(e),
         }
     };
+    let Delivered {
+        written,
+        bytes,
+        applied,
+    } = delivered;
     report.files_created = written.files_created;
     report.files_removed = written.files_removed;
     report.renames = written.renames;
@@ -176,15 +236,16 @@ pub fn push(
     report.delta_files = written.delta_files;
     report.full_files = written.full_files;
     report.range_files = written.range_files;
+    report.resumed_files = written.kept_files;
+    report.resumed_bytes = written.kept_bytes;
     report.bytes_sent = bytes;
-    if let Some(a) = applied {
-        report.ops = a.ops;
-        report.commit_window_us = a.commit_window_us;
-        report.staging_ms = a.staging_us / 1000;
-        report.sync_ms = a.sync_us / 1000;
-        report.warnings = a.warnings;
-        tracing::debug!(ms = started.elapsed().as_millis(), "push: applied");
-        journal.acknowledge(&replica.to_string_lossy(), to, &written.cache)?;
+    if !opts.dry_run {
+        report.ops = applied.ops;
+        report.commit_window_us = applied.commit_window_us;
+        report.staging_ms = applied.staging_us / 1000;
+        report.sync_ms = applied.sync_us / 1000;
+        report.warnings = applied.warnings;
+        destination.record(journal, to, &written.cache)?;
         journal.remember(after);
         if let Some(base) = journal.compact()? {
             tracing::info!(base = base.0, "compacted the journal's log");
@@ -245,67 +306,23 @@ fn dry_run(
     plan: &Plan<'_>,
     header: BatchHeader,
     progress: &mut dyn FnMut(Progress),
-) -> Result<(Written, u64), Attempt> {
+) -> Result<Delivered, Attempt> {
     let mut out = BatchWriter::new(io::sink(), header).map_err(PushError::from)?;
     let written = plan.write(&mut out, progress, &mut Vec::new())?;
     let (_, summary) = out.finish().map_err(PushError::from)?;
-    Ok((written, summary.bytes))
+    Ok(Delivered {
+        written,
+        bytes: summary.bytes,
+        applied: ApplyReport::default(),
+    })
 }
 
-/// Hands the batch's operations to the applier on its own thread, which
-/// stages them as they come and commits once the batch is complete.
-fn apply_local(
-    plan: &Plan<'_>,
-    header: BatchHeader,
-    replica: &Path,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<(Written, u64, ApplyReport), Attempt> {
-    let (mut sender, mut receiver) = batch::local(header);
-    std::thread::scope(|scope| {
-        let applier = std::thread::Builder::new()
-            .name("ferry-apply".into())
-            .spawn_scoped(scope, move || {
-                apply::apply_from(replica, &mut receiver, &ApplyOptions::default())
-            })
-            .map_err(|e| PushError::Other(format!("starting the applier: {e}")))?;
-        // Either way the sender is gone before the join: finished, or
-        // dropped so that the applier sees the batch end early and commits
-        // nothing.
-        let mut owners = Vec::new();
-        let wrote = match plan.write(&mut sender, progress, &mut owners) {
-            Ok(written) => sender
-                .finish()
-                .map(|bytes| (written, bytes))
-                .map_err(PushError::from),
-            Err(e) => {
-                drop(sender);
-                Err(e)
-            }
-        };
-        let applied = applier
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        let apply_err = |source| {
-            Attempt::Failed(PushError::Apply {
-                replica: replica.to_path_buf(),
-                source,
-            })
-        };
-        match (wrote, applied) {
-            (Ok((written, bytes)), Ok(report)) => Ok((written, bytes, report)),
-            // The replica refused a base (the planner may still have been
-            // sending, and then met the closed channel).
-            (_, Err(ApplyError::BaseMismatch { index, .. })) => {
-                match owners.iter().find(|(i, _)| *i == index) {
-                    Some((_, file)) => Err(Attempt::Mismatch { file: *file }),
-                    None => Err(Attempt::Failed(PushError::Other(format!(
-                        "the replica refused op {index} as a base mismatch, but it carries no content"
-                    )))),
-                }
-            }
-            // The replica stopped first: its error is the cause.
-            (Err(PushError::ReplicaStopped), Err(e)) | (Ok(_), Err(e)) => Err(apply_err(e)),
-            (Err(e), _) => Err(Attempt::Failed(e)),
-        }
-    })
+/// The file a content operation the replica refused was about.
+fn refused_file(owners: &[(u64, FileId)], index: u64) -> Attempt {
+    match owners.iter().find(|(i, _)| *i == index) {
+        Some((_, file)) => Attempt::Mismatch { file: *file },
+        None => Attempt::Failed(PushError::Other(format!(
+            "the replica refused op {index} as a base mismatch, but it carries no content"
+        ))),
+    }
 }

@@ -66,6 +66,9 @@ pub(super) struct Plan<'a> {
     /// Files to send with full content whatever the journal says (the
     /// replica's copy did not match its base).
     pub whole: &'a HashSet<FileId>,
+    /// Content the replica kept from a push cut off before its commit, by
+    /// hash: a new file with that content goes as `CreateFromKept`.
+    pub kept: &'a HashSet<Hash>,
     /// Freeze files while reading them and take them clean afterwards;
     /// false for a dry run, which changes nothing.
     pub live: bool,
@@ -83,6 +86,9 @@ pub(super) struct Written {
     pub delta_files: u64,
     pub full_files: u64,
     pub range_files: u64,
+    /// New files the replica had kept, and their bytes (not sent).
+    pub kept_files: u64,
+    pub kept_bytes: u64,
     /// The cache entries the journal keeps once the replica acknowledges.
     pub cache: Vec<(FileId, Option<Vec<u8>>)>,
 }
@@ -220,6 +226,7 @@ impl Plan<'_> {
             report: progress,
             touched_parents: BTreeSet::new(),
             full_metadata: HashSet::new(),
+            kept_used: HashSet::new(),
         };
         w.count_content()?;
         if self.changes.from == journal::Seq(0) {
@@ -272,6 +279,9 @@ struct Writing<'p, 'o, S: OpSink> {
     touched_parents: BTreeSet<FileId>,
     /// Existing files sent anew: all their metadata goes too.
     full_metadata: HashSet<FileId>,
+    /// Kept content already named by a `CreateFromKept` (the replica holds
+    /// one copy of each).
+    kept_used: HashSet<Hash>,
 }
 
 impl<S: OpSink> Writing<'_, '_, S> {
@@ -508,6 +518,10 @@ impl<S: OpSink> Writing<'_, '_, S> {
             let data = r.all().map_err(src_err)?;
             let tree = ContentTree::of_bytes(&data);
             let signature = cached_size(r.size).then(|| signature_of(&data));
+            if self.create_from_kept(id, path, md, &tree)? {
+                self.remember(id, tree, signature);
+                return Ok(());
+            }
             let content = if sparse {
                 Content::Sparse {
                     size: r.size,
@@ -534,6 +548,11 @@ impl<S: OpSink> Writing<'_, '_, S> {
             (tree, signature)
         } else {
             let (tree, signature) = r.summarize().map_err(src_err)?;
+            let signature = signature.filter(|_| r.size <= MAX_DIFF_INPUT);
+            if self.create_from_kept(id, path, md, &tree)? {
+                self.remember(id, tree, signature);
+                return Ok(());
+            }
             self.owns_next(id);
             self.push(Op::BeginFile {
                 path: path.clone(),
@@ -554,10 +573,34 @@ impl<S: OpSink> Writing<'_, '_, S> {
                 }
             }
             self.push(Op::EndFile)?;
-            (tree, signature.filter(|_| r.size <= MAX_DIFF_INPUT))
+            (tree, signature)
         };
         self.remember(id, tree, signature);
         Ok(())
+    }
+
+    /// Creates the new file at `path` from content the replica kept, if it
+    /// kept content with the tree's hash; whether it did.
+    fn create_from_kept(
+        &mut self,
+        id: FileId,
+        path: &RelPath,
+        md: &Metadata,
+        tree: &ContentTree,
+    ) -> Result<bool, PushError> {
+        let hash = tree.root();
+        if tree.size() == 0 || !self.plan.kept.contains(&hash) || !self.kept_used.insert(hash) {
+            return Ok(false);
+        }
+        self.owns_next(id);
+        self.push(Op::CreateFromKept {
+            path: path.clone(),
+            mode: perm(md),
+            result: hash,
+        })?;
+        self.done.kept_files += 1;
+        self.done.kept_bytes += tree.size();
+        Ok(true)
     }
 
     fn chunk(&self, data: &[u8]) -> Chunk {

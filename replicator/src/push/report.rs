@@ -59,6 +59,13 @@ pub struct PushReport {
     /// the source is read), and making it durable.
     pub staging_ms: u64,
     pub sync_ms: u64,
+    /// New files the replica already held, kept from a push cut off
+    /// before its commit, and not sent again; and their bytes.
+    pub resumed_files: u64,
+    pub resumed_bytes: u64,
+    /// The batch file written (`--batch-dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_file: Option<String>,
     /// Nothing was applied: the batch was only planned.
     pub dry_run: bool,
     /// Metadata the replica could not set (reported, not fatal).
@@ -81,6 +88,10 @@ pub enum PushError {
         replica: std::path::PathBuf,
         source: crate::apply::ApplyError,
     },
+    /// The receiver at the other end of a connection refused, failed or
+    /// went away.
+    #[error("the replica {replica}: {message}")]
+    Remote { replica: String, message: String },
     /// The replica side stopped taking the batch; its own error says why.
     #[error("the replica stopped taking the batch")]
     ReplicaStopped,

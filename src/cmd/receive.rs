@@ -1,0 +1,35 @@
+//! `ferry receive PATH`: the receiving end of a push over ssh. The
+//! protocol runs on stdin and stdout; messages go to stderr, which ssh
+//! shows the pushing user.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::cli::ReceiveArgs;
+
+pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
+    // Plain descriptors: the protocol buffers on its own, and stdout's
+    // line buffering has no place in a binary stream.
+    let stdin = File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    let stdout = File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+    let path = args.path;
+    let received = replicator::remote::receive(stdin, stdout, |_| replica_dir(&path))
+        .with_context(|| format!("receiving into {}", path.display()))?;
+    tracing::info!(?received, "received");
+    Ok(())
+}
+
+/// The replica directory, made if missing (not its parents: a mistyped
+/// path should not grow a tree).
+fn replica_dir(path: &Path) -> Result<PathBuf, String> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(path.to_path_buf()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {
+            Ok(path.to_path_buf())
+        }
+        Err(e) => Err(format!("the replica directory {}: {e}", path.display())),
+    }
+}

@@ -1,0 +1,142 @@
+//! Running `ferry receive` on another host through the system's ssh
+//! client, as rsync does: ssh reads `~/.ssh/config`, asks for passwords
+//! on the terminal and prints its own errors on stderr; ferry speaks the
+//! protocol over the child's stdin and stdout.
+
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// Splits a command line into words as a shell would for plain words,
+/// single and double quotes and backslashes (no variables, no globs):
+/// `--ssh-command "ssh -p 2222 -i '/my keys/id'"`.
+pub fn split_words(line: &str) -> anyhow::Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if let Some(w) = word.take() {
+                    words.push(w);
+                }
+            }
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => w.push(c),
+                        None => bail!("unterminated ' in {line:?}"),
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => w.push(c),
+                            Some(c) => {
+                                w.push('\\');
+                                w.push(c);
+                            }
+                            None => bail!("unterminated \" in {line:?}"),
+                        },
+                        Some(c) => w.push(c),
+                        None => bail!("unterminated \" in {line:?}"),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some(c) => word.get_or_insert_with(String::new).push(c),
+                None => bail!("a trailing \\ in {line:?}"),
+            },
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    Ok(words)
+}
+
+/// `word` quoted for a POSIX shell (the remote end runs the command
+/// through the user's shell).
+pub fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// A running `ssh HOST ferry receive PATH`.
+pub struct SshReceiver {
+    pub child: Child,
+    pub stdin: ChildStdin,
+    pub stdout: ChildStdout,
+}
+
+/// Starts `ssh_command host ferry_path receive path` (ssh's stderr goes to
+/// ours).
+pub fn spawn(
+    ssh_command: &str,
+    host: &str,
+    ferry_path: &str,
+    path: &str,
+) -> anyhow::Result<SshReceiver> {
+    let mut words = split_words(ssh_command).context("--ssh-command")?;
+    if words.is_empty() {
+        bail!("--ssh-command is empty");
+    }
+    let program = words.remove(0);
+    let remote = format!("{} receive {}", shell_quote(ferry_path), shell_quote(path));
+    let mut child = Command::new(&program)
+        .args(&words)
+        .arg(host)
+        .arg(remote)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    let stdin = child.stdin.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    Ok(SshReceiver {
+        child,
+        stdin,
+        stdout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_split_as_a_shell_splits_them() {
+        assert_eq!(
+            split_words(r#"ssh -p 22 -i '/my keys/id' -o "A=b c" x\ y"#).unwrap(),
+            ["ssh", "-p", "22", "-i", "/my keys/id", "-o", "A=b c", "x y"]
+        );
+        assert_eq!(split_words("  ").unwrap(), Vec::<String>::new());
+        assert_eq!(split_words("a''").unwrap(), ["a"]);
+        assert!(split_words("ssh 'open").is_err());
+    }
+
+    #[test]
+    fn quoting_survives_a_shell() {
+        for word in ["/plain/path", "with space", "it's", "", "$HOME;rm -rf /"] {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf %s {}", shell_quote(word)))
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), word);
+        }
+    }
+}
