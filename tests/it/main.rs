@@ -8,7 +8,9 @@
 //! - `bad_input`: refused mounts leave nothing behind;
 //! - `mount`: life cycle, inode numbers, single-operation journal records;
 //! - `verify`: `ferry verify` against trees copied by `rsync -aHAX`;
-//! - `replication`: pushes converge, judged by `ferry verify` and rsync.
+//! - `replication`: pushes converge, judged by `ferry verify` and rsync;
+//! - `remote`: the same over ssh (a real sshd), to the daemon, through
+//!   batch files, and across cut connections.
 
 mod bad_input;
 mod crash;
@@ -17,6 +19,7 @@ mod mount;
 mod ops;
 mod privileges;
 mod push_cli;
+mod remote;
 mod replication;
 mod util;
 mod verify;

@@ -15,13 +15,13 @@ use crate::ops::{apply, op, populate};
 use crate::util::{TestMount, ferry, run};
 
 /// A mount and a replica directory beside it.
-struct Pair {
-    tm: TestMount,
-    replica: PathBuf,
+pub(crate) struct Pair {
+    pub tm: TestMount,
+    pub replica: PathBuf,
 }
 
 impl Pair {
-    fn new(fill: impl FnOnce(&Path)) -> Pair {
+    pub fn new(fill: impl FnOnce(&Path)) -> Pair {
         let tm = TestMount::with_source(fill);
         let replica = tm.path("replica");
         std::fs::create_dir(&replica).expect("mkdir replica");
@@ -29,13 +29,16 @@ impl Pair {
     }
 
     /// `ferry push MNT REPLICA --json`: the report.
-    fn push(&self) -> Value {
-        let out = ferry([
-            OsStr::new("push"),
-            self.tm.mnt.as_os_str(),
-            self.replica.as_os_str(),
-            OsStr::new("--json"),
-        ]);
+    pub fn push(&self) -> Value {
+        self.push_to(self.replica.as_os_str(), &[])
+    }
+
+    /// `ferry push MNT DESTINATION EXTRA... --json`: the report.
+    pub fn push_to(&self, destination: &OsStr, extra: &[&OsStr]) -> Value {
+        let mut args = vec![OsStr::new("push"), self.tm.mnt.as_os_str(), destination];
+        args.extend_from_slice(extra);
+        args.push(OsStr::new("--json"));
+        let out = ferry(args);
         assert!(out.ok(), "ferry push failed: {out:#?}");
         let v: Value = serde_json::from_str(out.stdout.trim())
             .unwrap_or_else(|e| panic!("push --json is not one JSON object ({e}): {out:#?}"));
@@ -46,11 +49,16 @@ impl Pair {
     }
 
     /// Both judges agree the replica equals the source.
-    fn converged(&self) -> Result<(), String> {
+    pub fn converged(&self) -> Result<(), String> {
+        self.converged_at(&self.replica)
+    }
+
+    /// Both judges agree `replica` equals the source.
+    pub fn converged_at(&self, replica: &Path) -> Result<(), String> {
         let out = ferry([
             OsStr::new("verify"),
             self.tm.source.as_os_str(),
-            self.replica.as_os_str(),
+            replica.as_os_str(),
         ]);
         if !out.ok() {
             return Err(format!("ferry verify: {}{}", out.stdout, out.stderr));
@@ -58,7 +66,7 @@ impl Pair {
         let out = run(Command::new("rsync")
             .args(["-aHAXc", "--dry-run", "--itemize-changes", "--delete"])
             .arg(format!("{}/", self.tm.source.display()))
-            .arg(format!("{}/", self.replica.display())));
+            .arg(format!("{}/", replica.display())));
         if !out.ok() || !out.stdout.trim().is_empty() {
             return Err(format!(
                 "rsync sees differences:\n{}{}",
@@ -69,7 +77,7 @@ impl Pair {
     }
 }
 
-fn u(v: &Value, f: &str) -> u64 {
+pub(crate) fn u(v: &Value, f: &str) -> u64 {
     v[f].as_u64().unwrap_or_else(|| panic!("{f} in {v}"))
 }
 
@@ -103,8 +111,8 @@ proptest! {
     }
 }
 
-/// 16 MiB of varied bytes.
-fn big(n: usize) -> Vec<u8> {
+/// `n` varied bytes.
+pub(crate) fn big(n: usize) -> Vec<u8> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     (0..n)
         .map(|_| {
@@ -239,7 +247,7 @@ fn pushes_while_a_writer_runs_converge_once_it_stops() {
 }
 
 /// A tree of a few hundred files in directories, and two larger files.
-fn fill_many(s: &Path) {
+pub(crate) fn fill_many(s: &Path) {
     for d in 0..18 {
         let dir = s.join(format!("d{d}"));
         std::fs::create_dir(&dir).unwrap();
@@ -252,7 +260,7 @@ fn fill_many(s: &Path) {
 }
 
 /// Round `r`'s changes: renames, edits, new and removed files, a mode.
-fn mutate(mnt: &Path, r: usize) {
+pub(crate) fn mutate(mnt: &Path, r: usize) {
     std::fs::rename(mnt.join(format!("d{r}")), mnt.join(format!("moved{r}"))).unwrap();
     std::fs::remove_file(mnt.join(format!("d{}/f3", r + 1))).unwrap();
     std::fs::create_dir(mnt.join(format!("new{r}"))).unwrap();
@@ -273,7 +281,7 @@ fn mutate(mnt: &Path, r: usize) {
     crate::util::chmod(&mnt.join(format!("d{}/f5", r + 2)), 0o600);
 }
 
-fn equal(a: &Path, b: &Path) -> bool {
+pub(crate) fn equal(a: &Path, b: &Path) -> bool {
     ferry([OsStr::new("verify"), a.as_os_str(), b.as_os_str()]).ok()
 }
 
