@@ -135,13 +135,30 @@ use tree_cache::{Recorded, TreeCache};
 /// At least every this many steps the commit marker moves.
 const MARKER_EVERY: usize = 1024;
 
-/// Knobs for tests.
-#[derive(Debug, Clone, Default)]
+/// How to apply.
+#[derive(Debug, Clone)]
 pub struct ApplyOptions {
     /// Test hook: stop after this many crash points of the protocol (see
     /// the module docs), leaving everything as a kill would, and return
     /// [`ApplyError::InjectedCrash`].
     pub crash_after_step: Option<usize>,
+    /// The most bytes of zeros one batch may make the applier hash: the
+    /// holes of new files and the growth of files changed in place (every
+    /// byte of a file is hashed; a hole is not sent but is hashed all the
+    /// same). Bounds the work a few bytes of hostile batch can cause.
+    pub max_zeros: u64,
+}
+
+/// [`ApplyOptions::max_zeros`] by default: a few minutes of hashing.
+pub const DEFAULT_MAX_ZEROS: u64 = 1 << 40;
+
+impl Default for ApplyOptions {
+    fn default() -> ApplyOptions {
+        ApplyOptions {
+            crash_after_step: None,
+            max_zeros: DEFAULT_MAX_ZEROS,
+        }
+    }
 }
 
 /// What an apply did.
@@ -893,7 +910,14 @@ impl Session {
             at: options.crash_after_step,
         };
         let staging_started = Instant::now();
-        let staged = Stager::new(&rep.root, &rep.staging, &rep.kept, &rep.trees).run(reader);
+        let staged = Stager::new(
+            &rep.root,
+            &rep.staging,
+            &rep.kept,
+            &rep.trees,
+            options.max_zeros,
+        )
+        .run(reader);
         let Staged {
             entries,
             count,

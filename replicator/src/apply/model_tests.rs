@@ -355,6 +355,7 @@ fn run_seed(seed: u64) {
         let crash = (rng.below(3) == 0).then(|| 1 + rng.below(ops.len() + 5));
         let opts = ApplyOptions {
             crash_after_step: crash,
+            ..ApplyOptions::default()
         };
         match apply(&replica, bytes.as_slice(), &opts) {
             Ok(_) => {}

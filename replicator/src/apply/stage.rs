@@ -149,7 +149,6 @@ struct Streamed {
     id: u32,
     size: u64,
     mode: u32,
-    result: Hash,
     index: u64,
 }
 
@@ -188,6 +187,10 @@ pub struct Stager<'a> {
     /// Times of staged non-directories, set at the end of staging.
     staged_times: HashMap<u32, (Kind, Timestamp, Timestamp)>,
     warnings: Vec<String>,
+    /// Zeros hashed so far for holes and growth, and the most the batch
+    /// may make it hash (`ApplyOptions::max_zeros`).
+    zeros: u64,
+    max_zeros: u64,
     /// Staged entries whose install takes a replica file's metadata
     /// (which would undo metadata set on them during staging).
     takes_meta_at_commit: HashSet<u32>,
@@ -264,8 +267,9 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 /// a staged file in one change.
 const MAX_GROWTH: u64 = 16 << 30;
 
-/// The largest base a delta is applied to (it is read into memory).
-const MAX_DELTA_BASE: u64 = 4 << 30;
+/// The largest base a delta is applied to (it is read into memory). A
+/// sender makes deltas only against files up to 1 GiB.
+const MAX_DELTA_BASE: u64 = 1 << 30;
 
 fn prefix(p: &RelPath, n: usize) -> RelPath {
     RelPath::from_components(p.components().take(n)).expect("a prefix of a valid path is valid")
@@ -291,8 +295,11 @@ impl<'a> Stager<'a> {
         staging: &'a OwnedFd,
         kept: &'a OwnedFd,
         trees: &'a TreeCache,
+        max_zeros: u64,
     ) -> Stager<'a> {
         Stager {
+            zeros: 0,
+            max_zeros,
             root,
             staging,
             kept,
@@ -832,6 +839,7 @@ impl<'a> Stager<'a> {
                 result,
             } => {
                 self.check_new(&path, false)?;
+                self.charge_zeros(content.size().saturating_sub(content.data_len()))?;
                 let (id, file) = self.create_staged_file_for(&path)?;
                 let mut hashed = Hashed::default();
                 content
@@ -843,12 +851,7 @@ impl<'a> Stager<'a> {
                     .map_err(|e| self.err(format!("writing the staged file: {e}")))?;
                 self.finish_file(&path, id, file, content.size(), mode, result, hashed)?;
             }
-            Op::BeginFile {
-                path,
-                mode,
-                size,
-                result,
-            } => {
+            Op::BeginFile { path, mode, size } => {
                 self.check_new(&path, false)?;
                 let (id, file) = self.create_staged_file_for(&path)?;
                 self.streamed = Some(Streamed {
@@ -858,13 +861,13 @@ impl<'a> Stager<'a> {
                     id,
                     size,
                     mode,
-                    result,
                     index: self.index,
                 });
             }
             Op::FileData { offset, data } => {
                 let mut s = self.streamed.take().expect("the reader checks the order");
                 self.path = s.path.clone();
+                self.charge_zeros(offset.saturating_sub(s.content.end()))?;
                 let written = data.for_each_piece(offset, |off, piece| {
                     s.file.write_all_at(piece, off)?;
                     s.content.piece(off, piece);
@@ -876,12 +879,14 @@ impl<'a> Stager<'a> {
                 self.streamed = Some(s);
                 written.map_err(|e| self.err(format!("writing the staged file: {e}")))?;
             }
-            Op::EndFile => {
+            Op::EndFile { result } => {
                 let s = self.streamed.take().expect("the reader checks the order");
                 self.path = s.path.clone();
+                // Errors name the file's BeginFile.
                 self.index = s.index;
                 self.check_new(&s.path, false)?;
-                self.finish_file(&s.path, s.id, s.file, s.size, s.mode, s.result, s.content)?;
+                self.charge_zeros(s.size.saturating_sub(s.content.end()))?;
+                self.finish_file(&s.path, s.id, s.file, s.size, s.mode, result, s.content)?;
             }
             Op::Link { existing, new } => {
                 let n = self.need(&existing)?;
@@ -1248,6 +1253,7 @@ impl<'a> Stager<'a> {
         let mut pending = self.pending.remove(&ino).unwrap_or_default();
         let size = change.size_after(pending.size(disk));
         self.check_growth(disk, size)?;
+        self.charge_zeros(size.saturating_sub(pending.size(disk)))?;
         let base = match pending.tree.take() {
             Some(tree) => Some(tree),
             None => self.base_tree(&f, &st, &pending, hashes.is_some())?,
@@ -1310,6 +1316,7 @@ impl<'a> Stager<'a> {
         self.check_base(hashes, &tree)?;
         let size = change.size_after(tree.size());
         self.check_growth(tree.size(), size)?;
+        self.charge_zeros(size.saturating_sub(tree.size()))?;
         match change {
             InPlace::Write(ranges) => {
                 for r in ranges {
@@ -1331,6 +1338,22 @@ impl<'a> Stager<'a> {
             .add(&f)
             .map_err(|e| self.io("keeping the file to sync", e))?;
         self.staged_trees.insert(id, after);
+        Ok(())
+    }
+
+    /// Counts `n` more zeros to hash, refusing the batch past its bound.
+    /// A hash covers the whole content, holes included, and blake3 hashes
+    /// each zero leaf by its position: a few bytes of batch declaring a
+    /// huge sparse file, or growing a file again and again, would
+    /// otherwise keep the applier hashing for hours.
+    fn charge_zeros(&mut self, n: u64) -> Result<(), ApplyError> {
+        self.zeros = self.zeros.saturating_add(n);
+        if self.zeros > self.max_zeros {
+            return Err(self.err(format!(
+                "the batch's holes and growth come to more than {} bytes",
+                self.max_zeros
+            )));
+        }
         Ok(())
     }
 

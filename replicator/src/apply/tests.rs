@@ -396,7 +396,6 @@ fn update2(f: &Fixture) -> Vec<u8> {
             path: p("stream"),
             mode: 0o644,
             size: 3 << 20,
-            result: Hash::of(&stream),
         },
         Op::FileData {
             offset: 0,
@@ -406,7 +405,9 @@ fn update2(f: &Fixture) -> Vec<u8> {
             offset: 2 << 20,
             data: Chunk::compress_if_it_pays(&q),
         },
-        Op::EndFile,
+        Op::EndFile {
+            result: Hash::of(&stream),
+        },
         create("t1", 0o644, Content::Raw(b"abcdef".to_vec())),
         Op::WriteRanges {
             path: p("t1"),
@@ -704,6 +705,7 @@ fn crash_everywhere(make: impl Fn(&Fixture) -> Vec<u8>, prepare: impl Fn(&Fixtur
         let batch = make(&f);
         let opts = ApplyOptions {
             crash_after_step: Some(n),
+            ..ApplyOptions::default()
         };
         match apply(&f.replica, batch.as_slice(), &opts) {
             Ok(_) => {
@@ -897,6 +899,7 @@ fn directory_swapped_for_symlink_before_commit_is_refused() {
     let b = batch_bytes(0, 1, &ops);
     let opts = ApplyOptions {
         crash_after_step: Some(2),
+        ..ApplyOptions::default()
     };
     assert!(matches!(
         apply(&f.replica, b.as_slice(), &opts),
@@ -1434,4 +1437,115 @@ fn a_name_used_earlier_in_the_batch_is_not_made_inside_a_new_directory() {
     assert_eq!(fs::read(f.replica.join("d/a")).unwrap(), b"new");
     assert_eq!(fs::read(f.replica.join("d/b")).unwrap(), b"nested");
     assert!(!f.replica.join("x").exists());
+}
+
+// Fuzz regressions
+//
+// Inputs that broke the applier under `fuzz/fuzz_targets/apply_batch.rs`
+// (or that it was made to reproduce), kept as tests.
+
+/// Applies `bytes` to the replica in another thread and waits at most
+/// `secs` for the answer (`None`: still working; the thread is left to
+/// finish on its own).
+fn apply_within(f: &Fixture, bytes: Vec<u8>, secs: u64) -> Option<Result<ApplyReport, ApplyError>> {
+    let replica = f.replica.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(apply(&replica, &bytes[..], &ApplyOptions::default()));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs)).ok()
+}
+
+/// A new file's holes are hashed as zeros (a hash covers every byte), so a
+/// 100-byte batch declaring a file of terabytes, with a `CreateFile` of
+/// `Sparse { size, extents: [] }` or a `BeginFile` and its `EndFile`, made
+/// the applier hash for hours before it found the wrong result hash
+/// (reproduced with the apply_batch fuzz target). The batch's zeros are
+/// now counted before they are hashed and bounded.
+#[test]
+fn a_huge_sparse_file_is_refused_without_hashing_its_holes() {
+    const SIZE: u64 = 2 << 40;
+    let sparse = vec![Op::CreateFile {
+        path: p("huge"),
+        mode: 0o644,
+        content: Content::Sparse {
+            size: SIZE,
+            extents: vec![],
+        },
+        result: Hash::default(),
+    }];
+    let streamed = vec![
+        Op::BeginFile {
+            path: p("huge"),
+            mode: 0o644,
+            size: SIZE,
+        },
+        Op::EndFile {
+            result: Hash::default(),
+        },
+    ];
+    for ops in [sparse, streamed] {
+        let f = Fixture::new();
+        let result = apply_within(&f, batch_bytes(0, 1, &ops), 20)
+            .expect("refused within 20 s, not after hashing terabytes of holes");
+        let Err(ApplyError::Op { reason, .. }) = &result else {
+            panic!("{result:?}");
+        };
+        assert!(reason.contains("holes and growth"), "{reason}");
+        assert!(!f.replica.join("huge").exists());
+        assert!(staging_is_empty(&f));
+    }
+}
+
+/// Growing a file and truncating it back, again and again, is hashed at
+/// each growth: the bound is on the batch, not on one change.
+#[test]
+fn growing_a_file_again_and_again_is_bounded_per_batch() {
+    let f = Fixture::new();
+    let mut ops = vec![create("g", 0o644, Content::Raw(b"g".to_vec()))];
+    for _ in 0..4 {
+        ops.push(Op::Truncate {
+            path: p("g"),
+            size: 8 << 20,
+        });
+        ops.push(Op::Truncate {
+            path: p("g"),
+            size: 1,
+        });
+    }
+    let options = ApplyOptions {
+        max_zeros: 20 << 20,
+        ..ApplyOptions::default()
+    };
+    let err = apply(&f.replica, &batch_bytes(0, 1, &ops)[..], &options).unwrap_err();
+    let ApplyError::Op { index, reason, .. } = &err else {
+        panic!("{err}");
+    };
+    // The third growth passes the 20 MiB bound.
+    assert_eq!(*index, 6, "{err}");
+    assert!(reason.contains("holes and growth"), "{reason}");
+    assert!(!f.replica.join("g").exists());
+    assert!(staging_is_empty(&f));
+}
+
+/// The counterpart of the test above: a sparse file whose holes are real
+/// (64 MiB, hashed as zeros) still applies.
+#[test]
+fn a_sparse_file_with_a_large_hole_still_applies() {
+    let f = Fixture::new();
+    let size = 64 << 20;
+    let content = Content::Sparse {
+        size,
+        extents: vec![Extent {
+            offset: size - 4,
+            data: Chunk::Raw(b"tail".to_vec()),
+        }],
+    };
+    f.apply(&batch_bytes(0, 1, &[create("sparse", 0o644, content)]))
+        .expect("apply");
+    let data = fs::read(f.replica.join("sparse")).expect("read");
+    assert_eq!(data.len() as u64, size);
+    assert!(data[..data.len() - 4].iter().all(|b| *b == 0));
+    assert_eq!(&data[data.len() - 4..], b"tail");
+    assert!(staging_is_empty(&f));
 }

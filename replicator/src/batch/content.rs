@@ -167,9 +167,27 @@ fn compress(data: &[u8]) -> Option<Vec<u8>> {
     if data.len() < MIN_COMPRESS || data.len() as u64 > MAX_CHUNK_LEN {
         return None;
     }
+    // Data that does not compress (media, archives, encrypted files: most
+    // large files) costs zstd as much CPU as data that does: a sample at
+    // the start decides for a large piece.
+    if data.len() > 4 * PROBE {
+        let sample = zstd::bulk::compress(&data[..PROBE], ZSTD_LEVEL).ok()?;
+        if !pays(PROBE, sample.len()) {
+            return None;
+        }
+    }
     let c = zstd::bulk::compress(data, ZSTD_LEVEL).ok()?;
-    // It pays when it saves at least a sixteenth.
-    (c.len() <= data.len() - data.len() / 16).then_some(c)
+    pays(data.len(), c.len()).then_some(c)
+}
+
+/// Bytes of a large piece compressed to decide whether the rest is worth
+/// compressing.
+const PROBE: usize = 64 << 10;
+
+/// Compressing `len` bytes to `compressed` pays when it saves at least a
+/// sixteenth.
+fn pays(len: usize, compressed: usize) -> bool {
+    compressed <= len - len / 16
 }
 
 impl Chunk {

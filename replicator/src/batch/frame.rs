@@ -65,7 +65,8 @@ pub(crate) fn check(head: &[u8; HEAD_LEN], payload: &[u8]) -> [u8; CHECK_LEN] {
     c
 }
 
-/// Writes one frame and feeds its bytes to `hasher` (the trailer hash).
+/// Writes one frame and feeds its head and check to `hasher` (the trailer
+/// hash: see `writer::Trailer`).
 /// The caller has checked the payload length against the kind's limit.
 pub(crate) fn write_frame(
     w: &mut impl Write,
@@ -81,7 +82,6 @@ pub(crate) fn write_frame(
     w.write_all(&check)?;
     if let Some(h) = hasher {
         h.update(&head);
-        h.update(payload);
         h.update(&check);
     }
     Ok((HEAD_LEN + payload.len() + CHECK_LEN) as u64)

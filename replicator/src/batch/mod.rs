@@ -51,7 +51,7 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"FERRYBT\n";
 
 /// The format version this code writes and the only one it reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The `replica_id` of a batch made for any fresh replica.
 pub const ANY_REPLICA: [u8; 16] = [0; 16];

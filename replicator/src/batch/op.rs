@@ -184,7 +184,6 @@ pub enum Op {
         path: RelPath,
         mode: u32,
         size: u64,
-        result: Hash,
     },
     /// Data of the file the last [`Op::BeginFile`] opened; offsets increase
     /// and pieces do not overlap.
@@ -192,8 +191,12 @@ pub enum Op {
         offset: u64,
         data: Chunk,
     },
-    /// Ends the file the last [`Op::BeginFile`] opened.
-    EndFile,
+    /// Ends the file the last [`Op::BeginFile`] opened, whose content
+    /// must hash to `result` (given at the end, so that a sender reads the
+    /// file once, hashing it as it sends it).
+    EndFile {
+        result: Hash,
+    },
     /// A new file at `path` whose content is a librsync-format delta
     /// applied to the regular file at `basis` as it is at this point of the
     /// batch (its content hashes to `base`): a file saved by writing a new
@@ -259,7 +262,7 @@ impl Op {
             Op::RemoveXattr { .. } => "RemoveXattr",
             Op::BeginFile { .. } => "BeginFile",
             Op::FileData { .. } => "FileData",
-            Op::EndFile => "EndFile",
+            Op::EndFile { .. } => "EndFile",
             Op::CreateFromDelta { .. } => "CreateFromDelta",
             Op::CreateFromKept { .. } => "CreateFromKept",
         }
@@ -293,7 +296,7 @@ impl Op {
             | Op::RemoveXattr { path, .. }
             | Op::BeginFile { path, .. }
             | Op::CreateFromKept { path, .. } => vec![path],
-            Op::FileData { .. } | Op::EndFile => vec![],
+            Op::FileData { .. } | Op::EndFile { .. } => vec![],
         }
     }
 
@@ -492,7 +495,7 @@ impl Op {
                 }
                 file_offset("offset", *offset, data.len())
             }
-            Op::EndFile => Ok(()),
+            Op::EndFile { .. } => Ok(()),
         }
     }
 
@@ -534,7 +537,7 @@ impl Sequence {
                     _ => Err(format!("FileData ends beyond the file's size {size}")),
                 }
             }
-            (Op::EndFile, Some(_)) => {
+            (Op::EndFile { .. }, Some(_)) => {
                 self.open = None;
                 Ok(())
             }
@@ -542,7 +545,7 @@ impl Sequence {
                 "{} inside a BeginFile (only FileData and EndFile may follow it)",
                 op.name()
             )),
-            (Op::FileData { .. } | Op::EndFile, None) => {
+            (Op::FileData { .. } | Op::EndFile { .. }, None) => {
                 Err(format!("{} without a BeginFile", op.name()))
             }
             (Op::BeginFile { size, .. }, None) => {

@@ -289,7 +289,7 @@ impl<R: Read> BatchReader<R> {
         }
         if kind != FrameKind::Trailer {
             self.hasher.update(&h);
-            self.hasher.update(&self.buf);
+            self.hasher.update(sum);
         }
         self.offset = at + (HEAD_LEN + want) as u64;
         Ok(kind)

@@ -114,7 +114,6 @@ fn sample_ops() -> Vec<Op> {
             path: p("dir/big"),
             mode: 0o644,
             size: 300_000,
-            result: h,
         },
         Op::FileData {
             offset: 0,
@@ -124,7 +123,7 @@ fn sample_ops() -> Vec<Op> {
             offset: 200_000,
             data: Chunk::compress_if_it_pays(&text(5000)),
         },
-        Op::EndFile,
+        Op::EndFile { result: h },
         Op::Link {
             existing: p("dir/a"),
             new: p("dir/a2"),
@@ -560,10 +559,11 @@ fn batch_huge_zstd_lengths_are_refused() {
                     path: p("f"),
                     mode: 0,
                     size: 1 << 41,
-                    result: Hash::default(),
                 },
                 op,
-                Op::EndFile,
+                Op::EndFile {
+                    result: Hash::default(),
+                },
             ]
         } else {
             vec![op]
@@ -614,10 +614,11 @@ fn batch_zstd_bomb_is_stopped_at_its_declared_length() {
                     path: p("h"),
                     mode: 0,
                     size: 10,
-                    result: Hash::default(),
                 },
                 garbage,
-                Op::EndFile,
+                Op::EndFile {
+                    result: Hash::default(),
+                },
             ],
             "does not decode",
         ),
@@ -728,7 +729,6 @@ fn batch_streamed_file_order_is_enforced() {
         path: p("f"),
         mode: 0o644,
         size: 10,
-        result: Hash::default(),
     };
     let data = |offset, n| Op::FileData {
         offset,
@@ -736,10 +736,21 @@ fn batch_streamed_file_order_is_enforced() {
     };
     let cases = [
         (vec![data(0, 1)], "FileData without a BeginFile"),
-        (vec![Op::EndFile], "EndFile without a BeginFile"),
+        (
+            vec![Op::EndFile {
+                result: Hash::default(),
+            }],
+            "EndFile without a BeginFile",
+        ),
         (vec![begin.clone(), data(0, 2)], "ends inside a BeginFile"),
         (
-            vec![begin.clone(), Op::Unlink { path: p("a") }, Op::EndFile],
+            vec![
+                begin.clone(),
+                Op::Unlink { path: p("a") },
+                Op::EndFile {
+                    result: Hash::default(),
+                },
+            ],
             "Unlink inside a BeginFile",
         ),
         (
@@ -747,11 +758,24 @@ fn batch_streamed_file_order_is_enforced() {
             "BeginFile inside a BeginFile",
         ),
         (
-            vec![begin.clone(), data(5, 6), Op::EndFile],
+            vec![
+                begin.clone(),
+                data(5, 6),
+                Op::EndFile {
+                    result: Hash::default(),
+                },
+            ],
             "beyond the file's size 10",
         ),
         (
-            vec![begin.clone(), data(4, 2), data(5, 1), Op::EndFile],
+            vec![
+                begin.clone(),
+                data(4, 2),
+                data(5, 1),
+                Op::EndFile {
+                    result: Hash::default(),
+                },
+            ],
             "overlaps",
         ),
     ];
@@ -768,7 +792,9 @@ fn batch_streamed_file_order_is_enforced() {
         data(0, 2),
         data(2, 3),
         data(9, 1),
-        Op::EndFile,
+        Op::EndFile {
+            result: Hash::default(),
+        },
     ]))
     .unwrap();
 }
@@ -956,11 +982,11 @@ fn batch_frame_and_preamble_errors() {
         error_of(b"GIF89a..........").kind,
         BatchErrorKind::BadMagic
     ));
-    let mut v2 = good.clone();
-    v2[8] = 2;
+    let mut other = good.clone();
+    other[8] = 1;
     assert!(matches!(
-        error_of(&v2).kind,
-        BatchErrorKind::UnsupportedVersion(2)
+        error_of(&other).kind,
+        BatchErrorKind::UnsupportedVersion(1)
     ));
 
     // An unknown frame kind, and a second header frame (each correctly
@@ -1245,10 +1271,9 @@ fn arb_streamed_file() -> impl Strategy<Value = Vec<Op>> {
                 path,
                 mode: 0o644,
                 size: offset + tail,
-                result,
             }];
             ops.extend(data);
-            ops.push(Op::EndFile);
+            ops.push(Op::EndFile { result });
             ops
         })
 }
@@ -1494,13 +1519,14 @@ fn write_apply_fuzz_seed_corpus() {
             path: p(path),
             mode: 0o644,
             size,
-            result: Hash::of(&data),
         }];
         ops.extend(pieces.iter().map(|(offset, data)| Op::FileData {
             offset: *offset,
             data: data.clone(),
         }));
-        ops.push(Op::EndFile);
+        ops.push(Op::EndFile {
+            result: Hash::of(&data),
+        });
         ops
     };
     let zstd = Content::compress_if_it_pays(&text(10_000));

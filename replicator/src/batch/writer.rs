@@ -14,7 +14,12 @@ use super::{BatchHeader, MAGIC, VERSION};
 pub(crate) struct Trailer {
     pub(crate) op_count: u64,
     pub(crate) content_bytes: u64,
-    /// BLAKE3 of every byte of the batch before the trailer frame.
+    /// BLAKE3 of the preamble, then of each frame before the trailer its
+    /// head and check, in order. Each frame's check already covers its
+    /// payload, so every byte is covered without hashing the content a
+    /// second time; the chain catches a frame damaged, lost, added or
+    /// moved. (Against a forger, who could write any batch, the transport
+    /// protects: ssh, or the daemon's MACs.)
     pub(crate) hash: [u8; 32],
 }
 

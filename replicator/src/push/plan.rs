@@ -41,7 +41,7 @@ use crate::batch::{
     Chunk, Content, Extent, Hash, NodeKind, Op, OpSink, RelPath, Timestamp, WriteRange,
     limits::{MAX_CHUNK_LEN, delta_output_limit},
 };
-use crate::tree::{ContentTree, LEAF, leaf_count, leaf_span, leaves_of};
+use crate::tree::{ContentTree, LEAF, TreeBuilder, leaf_count, leaf_span, leaves_of};
 
 /// New files up to this size go in one `CreateFile`; larger ones are
 /// streamed in pieces.
@@ -91,6 +91,14 @@ pub(super) struct Written {
     pub kept_bytes: u64,
     /// The cache entries the journal keeps once the replica acknowledges.
     pub cache: Vec<(FileId, Option<Vec<u8>>)>,
+}
+
+/// When a streamed file's tree (and signature) is made.
+enum Hashing {
+    /// Read once before it is sent.
+    Before(ContentTree, Option<Vec<u8>>),
+    /// As its pieces are sent.
+    AsSent(TreeBuilder, Option<SignatureBuilder>),
 }
 
 /// How a file's content went.
@@ -547,18 +555,28 @@ impl<S: OpSink> Writing<'_, '_, S> {
             })?;
             (tree, signature)
         } else {
-            let (tree, signature) = r.summarize().map_err(src_err)?;
-            let signature = signature.filter(|_| r.size <= MAX_DIFF_INPUT);
-            if self.create_from_kept(id, path, md, &tree)? {
-                self.remember(id, tree, signature);
-                return Ok(());
-            }
+            // Hashed before it is sent only where the hash decides what
+            // goes (a replica that kept content from a cut-off push), or
+            // where holes make one pass awkward; otherwise hashed as it
+            // is sent, the file read once.
+            let mut hashing = if sparse || !self.plan.kept.is_empty() {
+                let (tree, signature) = r.summarize().map_err(src_err)?;
+                let signature = signature.filter(|_| r.size <= MAX_DIFF_INPUT);
+                if self.create_from_kept(id, path, md, &tree)? {
+                    self.remember(id, tree, signature);
+                    return Ok(());
+                }
+                Hashing::Before(tree, signature)
+            } else {
+                let signature =
+                    (cached_size(r.size) && r.size <= MAX_DIFF_INPUT).then(SignatureBuilder::new);
+                Hashing::AsSent(TreeBuilder::new(), signature)
+            };
             self.owns_next(id);
             self.push(Op::BeginFile {
                 path: path.clone(),
                 mode: perm(md),
                 size: r.size,
-                result: tree.root(),
             })?;
             let mut buf = Vec::new();
             for (start, len) in extents {
@@ -567,12 +585,28 @@ impl<S: OpSink> Writing<'_, '_, S> {
                     let n = (start + len - at).min(PIECE);
                     buf.resize(n as usize, 0);
                     r.at(&mut buf, at).map_err(src_err)?;
+                    // Without holes the pieces come in order from 0, each
+                    // a whole number of signature blocks but the last.
+                    if let Hashing::AsSent(tree, signature) = &mut hashing {
+                        tree.update(&buf);
+                        if let Some(s) = signature {
+                            s.add(&buf);
+                        }
+                    }
                     let data = self.chunk(&buf);
                     self.push(Op::FileData { offset: at, data })?;
                     at += n;
                 }
             }
-            self.push(Op::EndFile)?;
+            let (tree, signature) = match hashing {
+                Hashing::Before(tree, signature) => (tree, signature),
+                Hashing::AsSent(tree, signature) => {
+                    (tree.finish(), signature.map(SignatureBuilder::finish))
+                }
+            };
+            self.push(Op::EndFile {
+                result: tree.root(),
+            })?;
             (tree, signature)
         };
         self.remember(id, tree, signature);

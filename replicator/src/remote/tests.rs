@@ -169,7 +169,6 @@ fn a_batch_cut_off_keeps_its_complete_files_for_the_next_connection() {
             path: p("streamed"),
             mode: 0o600,
             size: 10 << 20,
-            result: Hash::of(b"never finished"),
         })
         .unwrap();
         // Cut off inside the streamed file: the connection drops.
@@ -326,4 +325,33 @@ fn a_sender_meeting_something_else_than_a_receiver_says_so() {
         msg.contains("not `ferry receive`") && msg.contains("Welcome"),
         "{msg}"
     );
+}
+
+#[test]
+fn two_connections_to_one_replica_take_turns() {
+    let d = dirs();
+    let (mut first, _, first_handle) = connect(&d.replica);
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let replica = d.replica.clone();
+    let second = std::thread::spawn(move || {
+        let (conn, ready, handle) = connect(&replica);
+        opened_tx.send(ready.applied.map(|a| a.seq)).unwrap();
+        (conn, handle)
+    });
+    let ToSender::Applied(r) = send_batch(&mut first, 0, 5, &[create("a", b"first")]) else {
+        panic!("the first connection's batch was not applied");
+    };
+    assert_eq!(r.to_seq, 5);
+    // The second connection waits for the replica while the first holds it.
+    assert!(
+        opened_rx.try_recv().is_err(),
+        "a second connection opened the replica while the first held it"
+    );
+    first.close().unwrap();
+    first_handle.join().unwrap().unwrap();
+    // It then sees what the first one left.
+    assert_eq!(opened_rx.recv().unwrap(), Some(5));
+    let (conn, handle) = second.join().unwrap();
+    conn.close().unwrap();
+    handle.join().unwrap().unwrap();
 }
