@@ -465,16 +465,33 @@ fn summary(r: &PushReport) -> String {
     if r.repaired_files > 0 {
         kinds.push(format!("{} repaired", r.repaired_files));
     }
-    format!(
-        "{} seq {}..{}: {} created, {} removed, {} renames, {} files sent ({}), {} sent, commit window {}, {}{}",
-        if r.dry_run { "would push" } else { "pushed" },
+    if r.resumed_files > 0 {
+        kinds.push(format!(
+            "{} kept by the replica from a cut-off push ({})",
+            r.resumed_files,
+            bytes(r.resumed_bytes)
+        ));
+    }
+    let what = format!(
+        "seq {}..{}: {} created, {} removed, {} renames, {} files",
         r.from_seq,
         r.to_seq,
         r.files_created,
         r.files_removed,
         r.renames,
         r.delta_files + r.full_files + r.range_files,
-        kinds.join(", "),
+    );
+    let kinds = kinds.join(", ");
+    if let Some(file) = &r.batch_file {
+        return format!(
+            "wrote {file}, {what} ({kinds}), {}, {}; apply it with `ferry apply`",
+            bytes(r.bytes_sent),
+            millis(r.elapsed_ms),
+        );
+    }
+    format!(
+        "{} {what} sent ({kinds}), {} sent, commit window {}, {}{}",
+        if r.dry_run { "would push" } else { "pushed" },
         bytes(r.bytes_sent),
         micros(r.commit_window_us),
         millis(r.elapsed_ms),
@@ -489,7 +506,7 @@ fn summary(r: &PushReport) -> String {
 /// Every figure of the report, one per line; fields this version does not
 /// know are listed at the end as they came.
 fn table(r: &PushReport, raw: &Value) -> String {
-    let rows: Vec<(&str, &str, String)> = vec![
+    let mut rows: Vec<(&str, &str, String)> = vec![
         ("from_seq", "from seq", r.from_seq.to_string()),
         ("to_seq", "to seq", r.to_seq.to_string()),
         ("files_created", "created", r.files_created.to_string()),
@@ -502,6 +519,16 @@ fn table(r: &PushReport, raw: &Value) -> String {
             "repaired_files",
             "repaired files",
             r.repaired_files.to_string(),
+        ),
+        (
+            "resumed_files",
+            "kept by the replica",
+            r.resumed_files.to_string(),
+        ),
+        (
+            "resumed_bytes",
+            "  their bytes",
+            exact_bytes(r.resumed_bytes),
         ),
         ("ops", "operations", r.ops.to_string()),
         (
@@ -525,6 +552,9 @@ fn table(r: &PushReport, raw: &Value) -> String {
         ),
         ("warnings", "warnings", r.warnings.len().to_string()),
     ];
+    if let Some(file) = &r.batch_file {
+        rows.push(("batch_file", "batch file", file.clone()));
+    }
     let mut extra = Vec::new();
     if let Value::Object(fields) = raw {
         for (key, value) in fields {
@@ -728,6 +758,17 @@ mod tests {
         let t = table(&r, &raw);
         let fields = raw.as_object().expect("an object").len();
         assert_eq!(t.lines().count(), fields, "one line per field: {t}");
+        let batch = PushReport {
+            batch_file: Some("/b/00000000000000000012-00000000000000000040.ferry".into()),
+            ..r.clone()
+        };
+        assert_eq!(
+            summary(&batch),
+            "wrote /b/00000000000000000012-00000000000000000040.ferry, seq 12..40: 3 created, 1 removed, \
+             2 renames, 5 files (1 delta, 4 full), 12.3 KiB, 42 ms; apply it with `ferry apply`"
+        );
+        let batch_raw = serde_json::to_value(&batch).unwrap();
+        assert_eq!(table(&batch, &batch_raw).lines().count(), fields + 1);
         let mut raw = raw;
         raw["future_field"] = 7.into();
         let t = table(&r, &raw);

@@ -21,7 +21,7 @@ use journal::{FileId, Journal, JournalError, Seq};
 
 use super::{Attempt, Delivered, Destination, Plan, Progress, PushError, PushOptions, PushReport};
 use crate::apply::{Applied, ApplyReport};
-use crate::batch::{BatchHeader, BatchWriter, Hash};
+use crate::batch::{BatchHeader, BatchWriter, Hash, WriteSummary};
 
 /// The name of the batch file taking a replica from `from` to `to`:
 /// zero-padded, so that names sort as the batches apply.
@@ -83,7 +83,7 @@ impl BatchDir<'_> {
         plan: &Plan<'_>,
         header: BatchHeader,
         progress: &mut dyn FnMut(Progress),
-    ) -> Result<(super::Written, u64), PushError> {
+    ) -> Result<(super::Written, WriteSummary), PushError> {
         let file = File::create(tmp).map_err(self.io(tmp, "creating"))?;
         let mut out = BatchWriter::new(BufWriter::with_capacity(1 << 20, file), header)?;
         let written = plan.write(&mut out, progress, &mut Vec::new())?;
@@ -92,7 +92,7 @@ impl BatchDir<'_> {
             .into_inner()
             .map_err(|e| self.io(tmp, "writing")(e.into_error()))?;
         file.sync_all().map_err(self.io(tmp, "syncing"))?;
-        Ok((written, summary.bytes))
+        Ok((written, summary))
     }
 
     /// Removes the batch files from `from` other than `keep`: written by a
@@ -158,7 +158,7 @@ impl Destination for BatchDir<'_> {
     ) -> Result<Delivered, Attempt> {
         let (from, to) = (header.from_seq, header.to_seq);
         let tmp = self.dir.join(format!(".{}.tmp", batch_file_name(from, to)));
-        let (written, bytes) = match self.write(&tmp, plan, header, progress) {
+        let (written, summary) = match self.write(&tmp, plan, header, progress) {
             Ok(w) => w,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
@@ -172,10 +172,17 @@ impl Destination for BatchDir<'_> {
             .and_then(|d| d.sync_all())
             .map_err(self.io(&self.dir, "syncing"))?;
         self.written = Some(path);
+        // Nothing is applied yet: the report counts the batch's operations.
         Ok(Delivered {
             written,
-            bytes,
-            applied: ApplyReport::default(),
+            bytes: summary.bytes,
+            applied: ApplyReport {
+                from_seq: from,
+                to_seq: to,
+                ops: summary.ops,
+                content_bytes: summary.content_bytes,
+                ..ApplyReport::default()
+            },
         })
     }
 
