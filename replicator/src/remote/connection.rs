@@ -60,7 +60,13 @@ impl<R: Read, W: Write> Connection<R, W> {
         )
         .map_err(RemoteError::io("sending Hello"))?;
         match conn.reply("waiting for Ready")? {
-            ToSender::Ready { applied, kept } if kept.len() <= MAX_KEPT => Ok((
+            ToSender::Ready { kept, .. } if kept.len() > MAX_KEPT => {
+                Err(RemoteError::Protocol(format!(
+                    "the receiver lists {} kept files, more than the {MAX_KEPT} allowed",
+                    kept.len()
+                )))
+            }
+            ToSender::Ready { applied, kept } => Ok((
                 conn,
                 Ready {
                     applied,
