@@ -75,6 +75,10 @@ impl Destination {
             // remote destination.
             Err(_) if looks_remote(&text) => {
                 let (host, path) = text.split_once(':').expect("looks remote");
+                if host.starts_with('-') {
+                    // ssh would take it for an option (-oProxyCommand=...).
+                    bail!("{text}: a host name cannot start with '-'");
+                }
                 return Ok(Destination::Ssh {
                     host: host.to_string(),
                     path: if path.is_empty() {
@@ -715,6 +719,7 @@ mod tests {
             "ferry://h:1/",
             "ferry:///n",
             "ferry://h:1/a/b",
+            "-oProxyCommand=touch /tmp/x:/r",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

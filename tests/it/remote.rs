@@ -590,3 +590,35 @@ fn mutate_files(mnt: &Path) {
     }
     std::fs::rename(mnt.join("f00"), mnt.join("renamed")).unwrap();
 }
+
+#[test]
+fn a_large_file_cut_off_in_the_middle_is_continued_not_sent_again() {
+    const SIZE: u64 = 24 << 20;
+    let pair = Pair::new(|s| std::fs::write(s.join("large"), big(SIZE as usize)).unwrap());
+    let dest = format!("host:{}", pair.replica.display());
+    let push = |limit: Option<u64>| {
+        let ssh = cut_ssh(&pair.tm.path(""), limit);
+        let args = [
+            "push".to_string(),
+            pair.tm.mnt.display().to_string(),
+            dest.clone(),
+            "--ssh-command".into(),
+            ssh,
+            "--ferry-path".into(),
+            ferry_bin().display().to_string(),
+            "--json".into(),
+        ];
+        ferry(os(&args))
+    };
+    let cut = push(Some(SIZE / 2));
+    assert!(!cut.ok(), "{cut:#?}");
+    assert_eq!(std::fs::read_dir(&pair.replica).unwrap().count(), 0);
+    let done = push(None);
+    assert!(done.ok(), "{done:#?}");
+    let v: Value = serde_json::from_str(done.stdout.trim()).unwrap();
+    // What arrived before the cut, less the piece it cut through (4 MiB).
+    let resumed = u(&v, "resumed_bytes");
+    assert!(resumed + (5 << 20) >= SIZE / 2, "{v}");
+    assert!(u(&v, "bytes_sent") <= SIZE - resumed + (64 << 10), "{v}");
+    pair.converged().unwrap();
+}

@@ -129,6 +129,7 @@ use crate::batch::{ANY_REPLICA, BatchError, BatchReader, Hash, OpSource, validat
 use commit::{CommitLog, Entry, Step};
 use durable::PendingSync;
 use fsops::{Root, describe, fsync_dir};
+pub use stage::Partial;
 use stage::{Staged, Stager};
 use tree_cache::{Recorded, TreeCache};
 
@@ -147,16 +148,26 @@ pub struct ApplyOptions {
     /// byte of a file is hashed; a hole is not sent but is hashed all the
     /// same). Bounds the work a few bytes of hostile batch can cause.
     pub max_zeros: u64,
+    /// The most memory, roughly, the operations of one batch may hold
+    /// until its commit (the model of the replica and the commit log grow
+    /// with every operation: counted as its paths' bytes plus a fixed
+    /// cost). Bounds what a stream of tiny hostile operations can take.
+    pub max_held: u64,
 }
 
 /// [`ApplyOptions::max_zeros`] by default: a few minutes of hashing.
 pub const DEFAULT_MAX_ZEROS: u64 = 1 << 40;
+
+/// [`ApplyOptions::max_held`] by default: about 15 million operations of
+/// short paths (a first copy of as many files).
+pub const DEFAULT_MAX_HELD: u64 = 4 << 30;
 
 impl Default for ApplyOptions {
     fn default() -> ApplyOptions {
         ApplyOptions {
             crash_after_step: None,
             max_zeros: DEFAULT_MAX_ZEROS,
+            max_held: DEFAULT_MAX_HELD,
         }
     }
 }
@@ -853,6 +864,16 @@ impl Session {
         self.rep.kept(limit)
     }
 
+    /// The streamed file a failed batch was receiving, of which the
+    /// replica kept the start: a batch may continue it with `ResumeFile`.
+    pub fn partial(&self) -> Result<Option<Partial>, ApplyError> {
+        stage::read_partial(&self.rep.kept).map_err(|e| ApplyError::State {
+            path: self.rep.state.join("kept"),
+            what: "reading the kept partial file",
+            source: e.into(),
+        })
+    }
+
     /// Applies one batch (see the module docs).
     pub fn apply_from(
         &mut self,
@@ -910,14 +931,8 @@ impl Session {
             at: options.crash_after_step,
         };
         let staging_started = Instant::now();
-        let staged = Stager::new(
-            &rep.root,
-            &rep.staging,
-            &rep.kept,
-            &rep.trees,
-            options.max_zeros,
-        )
-        .run(reader);
+        let staged =
+            Stager::new(&rep.root, &rep.staging, &rep.kept, &rep.trees, options).run(reader);
         let Staged {
             entries,
             count,

@@ -34,13 +34,13 @@ use nix::sys::stat::{
 };
 use nix::unistd::symlinkat;
 
-use super::ApplyError;
 use super::commit::{
     Entry, Meta, STAGING_BUCKET, Step, copy_meta, set_meta, staged_bucket, staged_name,
 };
 use super::durable::PendingSync;
 use super::fsops::{Kind, Root, describe};
 use super::tree_cache::{Recorded, TreeCache};
+use super::{ApplyError, ApplyOptions};
 use crate::batch::limits::delta_output_limit;
 use crate::batch::{Hash, NodeKind, Op, OpSource, RelPath, Timestamp, WriteRange};
 use crate::tree::{ContentTree, LEAF, TreeBuilder, leaves_of};
@@ -150,7 +150,22 @@ struct Streamed {
     size: u64,
     mode: u32,
     index: u64,
+    /// Started from a kept partial file (`ResumeFile`).
+    resumed: bool,
 }
+
+/// A streamed file a batch that failed was receiving: its first `have`
+/// bytes are in `kept/partial`, described by `kept/partial.meta`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Partial {
+    pub path: RelPath,
+    pub size: u64,
+    pub have: u64,
+}
+
+/// Names of the kept partial file and its description in `kept/`.
+pub(super) const PARTIAL: &str = "partial";
+pub(super) const PARTIAL_META: &str = "partial.meta";
 
 pub struct Stager<'a> {
     root: &'a Root,
@@ -191,6 +206,11 @@ pub struct Stager<'a> {
     /// may make it hash (`ApplyOptions::max_zeros`).
     zeros: u64,
     max_zeros: u64,
+    /// What the batch's operations hold until the commit, counted as
+    /// `OP_HELD` per operation plus its paths' bytes, and the bound
+    /// (`ApplyOptions::max_held`).
+    held: u64,
+    max_held: u64,
     /// Staged entries whose install takes a replica file's metadata
     /// (which would undo metadata set on them during staging).
     takes_meta_at_commit: HashSet<u32>,
@@ -267,6 +287,11 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 /// a staged file in one change.
 const MAX_GROWTH: u64 = 16 << 30;
 
+/// What one operation is counted to hold until the commit besides its
+/// paths (its model entry and commit log step, measured at about 160
+/// bytes).
+const OP_HELD: u64 = 256;
+
 /// The largest base a delta is applied to (it is read into memory). A
 /// sender makes deltas only against files up to 1 GiB.
 const MAX_DELTA_BASE: u64 = 1 << 30;
@@ -295,11 +320,13 @@ impl<'a> Stager<'a> {
         staging: &'a OwnedFd,
         kept: &'a OwnedFd,
         trees: &'a TreeCache,
-        max_zeros: u64,
+        options: &ApplyOptions,
     ) -> Stager<'a> {
         Stager {
             zeros: 0,
-            max_zeros,
+            max_zeros: options.max_zeros,
+            held: 0,
+            max_held: options.max_held,
             root,
             staging,
             kept,
@@ -393,6 +420,15 @@ impl<'a> Stager<'a> {
             if let Some(p) = op.paths().first() {
                 self.path = (*p).clone();
             }
+            let held = op.paths().iter().map(|p| p.byte_len() as u64).sum::<u64>() + OP_HELD;
+            self.held = self.held.saturating_add(held);
+            if self.held > self.max_held {
+                return Err(self.err(format!(
+                    "the batch holds more than {} bytes of operations until its commit; \
+                     it is too large to apply at once",
+                    self.max_held
+                )));
+            }
             self.stage(op)?;
         }
         Ok(())
@@ -406,7 +442,8 @@ impl<'a> Stager<'a> {
     /// changes in the batch update it), and a failure comes between
     /// operations, never inside one: the name is exact.
     fn keep_complete(&mut self) {
-        let mut kept = 0;
+        let partial = self.keep_partial();
+        let mut kept = usize::from(partial);
         for (id, tree) in &self.staged_trees {
             if tree.size() == 0 {
                 continue;
@@ -428,6 +465,108 @@ impl<'a> Stager<'a> {
             tracing::warn!("syncing the content kept from a failed batch: {e}");
         }
         tracing::info!(files = kept, "kept the complete files of a failed batch");
+    }
+
+    /// Keeps the first bytes of the streamed file a failed batch was
+    /// receiving, if it was receiving one in order: `kept/partial` and its
+    /// description `kept/partial.meta`, both made durable (the description
+    /// last). Whether it kept one.
+    fn keep_partial(&mut self) -> bool {
+        let Some(s) = self.streamed.take() else {
+            return false;
+        };
+        let have = s.content.end();
+        if have == 0 || s.content.out_of_order {
+            return false;
+        }
+        let partial = Partial {
+            path: s.path.clone(),
+            size: s.size,
+            have,
+        };
+        let name = CString::new(PARTIAL).expect("no NUL");
+        let meta = CString::new(PARTIAL_META).expect("no NUL");
+        let kept = s
+            .file
+            .sync_data()
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+            .and_then(|()| unlinkat_missing_ok(self.kept, &meta))
+            .and_then(|()| {
+                nix::fcntl::renameat(
+                    self.staging,
+                    self.location(s.id).as_c_str(),
+                    self.kept,
+                    name.as_c_str(),
+                )
+            })
+            .and_then(|()| {
+                write_durably(
+                    self.kept,
+                    &meta,
+                    &postcard::to_stdvec(&partial).expect("serializes"),
+                )
+            });
+        match kept {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("keeping the partial file {}: {e}", s.path);
+                false
+            }
+        }
+    }
+
+    /// Starts the streamed file at `path` from the partial file kept from
+    /// a transfer cut off inside it: its first `from` bytes are kept, and
+    /// hashed again here (they are on this disk; the `EndFile` hash covers
+    /// them).
+    fn resume_file(
+        &mut self,
+        path: RelPath,
+        mode: u32,
+        size: u64,
+        from: u64,
+    ) -> Result<(), ApplyError> {
+        self.check_new(&path, false)?;
+        let meta =
+            read_partial(self.kept).map_err(|e| self.errno("reading the kept partial file", e))?;
+        match meta {
+            Some(m) if m.path == path && m.size == size && from <= m.have => {}
+            _ => {
+                return Err(self.err(format!(
+                    "the replica kept no partial file {path} of {size} bytes with {from} bytes"
+                )));
+            }
+        }
+        let (id, name) = self.new_entry(&path)?;
+        let kept = CString::new(PARTIAL).expect("no NUL");
+        nix::fcntl::renameat(self.kept, kept.as_c_str(), self.staging, name.as_c_str())
+            .map_err(|e| self.errno("taking the kept partial file", e))?;
+        let _ = unlinkat_missing_ok(self.kept, &CString::new(PARTIAL_META).expect("no NUL"));
+        let file = self.open_staged(id, OFlag::O_RDWR)?;
+        self.forget_metadata(&file)?;
+        file.set_len(from)
+            .map_err(|e| self.io("sizing the kept partial file", e))?;
+        let mut content = Hashed::default();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < from {
+            let n = (from - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| self.io("reading the kept partial file", e))?;
+            content.piece(at, &buf[..n]);
+            at += n as u64;
+        }
+        self.streamed = Some(Streamed {
+            file,
+            content,
+            path,
+            id,
+            size,
+            mode,
+            index: self.index,
+            resumed: true,
+        });
+        Ok(())
     }
 
     /// The current tree of the replica inode `ino`, if the batch sets its
@@ -862,6 +1001,7 @@ impl<'a> Stager<'a> {
                     size,
                     mode,
                     index: self.index,
+                    resumed: false,
                 });
             }
             Op::FileData { offset, data } => {
@@ -886,7 +1026,15 @@ impl<'a> Stager<'a> {
                 self.index = s.index;
                 self.check_new(&s.path, false)?;
                 self.charge_zeros(s.size.saturating_sub(s.content.end()))?;
-                self.finish_file(&s.path, s.id, s.file, s.size, s.mode, result, s.content)?;
+                let resumed = s.resumed;
+                let finished =
+                    self.finish_file(&s.path, s.id, s.file, s.size, s.mode, result, s.content);
+                match finished {
+                    // The kept start was not the start of this content
+                    // (the file changed since): the sender sends it whole.
+                    Err(ApplyError::Op { .. }) if resumed => return Err(self.base_mismatch()),
+                    other => other?,
+                }
             }
             Op::Link { existing, new } => {
                 let n = self.need(&existing)?;
@@ -992,6 +1140,12 @@ impl<'a> Stager<'a> {
                 }
                 self.finish_new_file(&path, id, &file, mode, tree)?;
             }
+            Op::ResumeFile {
+                path,
+                mode,
+                size,
+                from,
+            } => self.resume_file(path, mode, size, from)?,
             Op::Chmod { path, mode } => self.meta(path, Meta::Chmod(mode))?,
             Op::Chown { path, uid, gid } => self.meta(path, Meta::Chown(uid, gid))?,
             Op::Utimes { path, atime, mtime } => self.meta(path, Meta::Utimes(atime, mtime))?,
@@ -1681,4 +1835,58 @@ fn apply_to_block(buf: &mut [u8], at: u64, c: &InPlace) {
             }
         }
     }
+}
+
+/// Removes `name` in `dir` if it is there.
+fn unlinkat_missing_ok(dir: &OwnedFd, name: &CString) -> Result<(), Errno> {
+    match nix::unistd::unlinkat(
+        dir,
+        name.as_c_str(),
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    ) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `bytes` to `name` in `dir` whole or not at all: a temporary
+/// name, fsync, rename, fsync of `dir`.
+fn write_durably(dir: &OwnedFd, name: &CString, bytes: &[u8]) -> Result<(), Errno> {
+    let mut tmp = name.as_bytes().to_vec();
+    tmp.extend_from_slice(b".tmp");
+    let tmp = CString::new(tmp).expect("no NUL");
+    let fd = openat(
+        dir,
+        tmp.as_c_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )?;
+    let f = File::from(fd);
+    f.write_all_at(bytes, 0)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    nix::fcntl::renameat(dir, tmp.as_c_str(), dir, name.as_c_str())?;
+    nix::unistd::fsync(dir)
+}
+
+/// The kept partial file's description, if there is one (a damaged one
+/// counts as none).
+pub(super) fn read_partial(kept: &OwnedFd) -> Result<Option<Partial>, Errno> {
+    let name = CString::new(PARTIAL_META).expect("no NUL");
+    let fd = match openat(
+        kept,
+        name.as_c_str(),
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    File::from(fd)
+        .take(64 << 10)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    Ok(postcard::from_bytes(&bytes).ok())
 }

@@ -220,6 +220,17 @@ pub enum Op {
         mode: u32,
         result: Hash,
     },
+    /// As [`Op::BeginFile`], for the file whose first `from` bytes the
+    /// replica kept from a transfer cut off inside it (it lists the file
+    /// when a connection opens): the [`Op::FileData`] that follow start at
+    /// `from`, and the [`Op::EndFile`]'s hash covers the whole file. Only
+    /// a sender told of that file sends this; a batch file never holds one.
+    ResumeFile {
+        path: RelPath,
+        mode: u32,
+        size: u64,
+        from: u64,
+    },
 }
 
 fn ranges<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<WriteRange>, D::Error> {
@@ -265,6 +276,7 @@ impl Op {
             Op::EndFile { .. } => "EndFile",
             Op::CreateFromDelta { .. } => "CreateFromDelta",
             Op::CreateFromKept { .. } => "CreateFromKept",
+            Op::ResumeFile { .. } => "ResumeFile",
         }
     }
 
@@ -295,7 +307,8 @@ impl Op {
             | Op::SetXattr { path, .. }
             | Op::RemoveXattr { path, .. }
             | Op::BeginFile { path, .. }
-            | Op::CreateFromKept { path, .. } => vec![path],
+            | Op::CreateFromKept { path, .. }
+            | Op::ResumeFile { path, .. } => vec![path],
             Op::FileData { .. } | Op::EndFile { .. } => vec![],
         }
     }
@@ -478,6 +491,20 @@ impl Op {
                 not_root("path", path)?;
                 mode(*m)
             }
+            Op::ResumeFile {
+                path,
+                mode: m,
+                size,
+                from,
+            } => {
+                not_root("path", path)?;
+                mode(*m)?;
+                file_offset("size", *size, 0)?;
+                if from > size {
+                    return Err(err("from", format!("{from} is beyond the size {size}")));
+                }
+                Ok(())
+            }
             Op::BeginFile {
                 path,
                 mode: m,
@@ -550,6 +577,10 @@ impl Sequence {
             }
             (Op::BeginFile { size, .. }, None) => {
                 self.open = Some((*size, 0));
+                Ok(())
+            }
+            (Op::ResumeFile { size, from, .. }, None) => {
+                self.open = Some((*size, *from));
                 Ok(())
             }
             (_, None) => Ok(()),

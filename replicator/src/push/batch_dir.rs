@@ -12,16 +12,18 @@
 //! the next push makes one from the same sequence number to a later one,
 //! which replaces it.
 
-use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use journal::{FileId, Journal, JournalError, Seq};
 
-use super::{Attempt, Delivered, Destination, Plan, Progress, PushError, PushOptions, PushReport};
+use super::{
+    Attempt, Delivered, Destination, Plan, Progress, PushError, PushOptions, PushReport,
+    ReplicaState,
+};
 use crate::apply::{Applied, ApplyReport};
-use crate::batch::{BatchHeader, BatchWriter, Hash, WriteSummary};
+use crate::batch::{BatchHeader, BatchWriter, WriteSummary};
 
 /// The name of the batch file taking a replica from `from` to `to`:
 /// zero-padded, so that names sort as the batches apply.
@@ -118,7 +120,7 @@ impl Destination for BatchDir<'_> {
         format!("batches:{}", self.dir.display())
     }
 
-    fn state(&mut self) -> Result<(Option<Applied>, HashSet<Hash>), PushError> {
+    fn state(&mut self) -> Result<ReplicaState, PushError> {
         let name = self.name();
         let sent = self
             .journal
@@ -132,7 +134,10 @@ impl Destination for BatchDir<'_> {
             source_id,
             replica_id: self.replica_id(source_id),
         });
-        Ok((applied, HashSet::new()))
+        Ok(ReplicaState {
+            applied,
+            ..ReplicaState::default()
+        })
     }
 
     fn compress(&self) -> bool {

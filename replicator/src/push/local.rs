@@ -1,12 +1,13 @@
 //! Pushing to a replica directory on this machine: the applier runs on a
 //! thread of its own and takes the operations as values (`batch::local`).
 
-use std::collections::HashSet;
 use std::path::Path;
 
-use super::{Attempt, Delivered, Destination, Plan, Progress, PushError, refused_file};
-use crate::apply::{self, Applied, ApplyError, ApplyOptions};
-use crate::batch::{self, BatchHeader, Hash};
+use super::{
+    Attempt, Delivered, Destination, Plan, Progress, PushError, ReplicaState, refused_file,
+};
+use crate::apply::{self, ApplyError, ApplyOptions};
+use crate::batch::{self, BatchHeader};
 
 pub(super) struct Local<'a> {
     pub replica: &'a Path,
@@ -26,14 +27,17 @@ impl Destination for Local<'_> {
         self.replica.to_string_lossy().into_owned()
     }
 
-    fn state(&mut self) -> Result<(Option<Applied>, HashSet<Hash>), PushError> {
+    fn state(&mut self) -> Result<ReplicaState, PushError> {
         // A commit an earlier push left half done (it was killed) is
         // finished first: the replica's sequence number is the one after
         // it. Nothing is kept across local pushes: a push cut off here
         // has nothing in transit.
         apply::recover(self.replica).map_err(|e| self.err(e))?;
         let applied = apply::read_applied(self.replica).map_err(|e| self.err(e))?;
-        Ok((applied, HashSet::new()))
+        Ok(ReplicaState {
+            applied,
+            ..ReplicaState::default()
+        })
     }
 
     fn compress(&self) -> bool {

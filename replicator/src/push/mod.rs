@@ -41,7 +41,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use journal::{Changeset, FileId, Journal, JournalError, NsStep, Seq};
 
-use crate::apply::{Applied, ApplyReport};
+use crate::apply::{Applied, ApplyReport, Partial};
 use crate::batch::{ANY_REPLICA, BatchHeader, BatchWriter, Hash};
 use cache::ReplicaCopy;
 use plan::{Plan, Written};
@@ -53,9 +53,9 @@ use source::Source;
 trait Destination {
     /// The name the journal records this destination's progress under.
     fn name(&self) -> String;
-    /// The replica's applied state, and the content it kept from a
-    /// transfer cut off before its commit (by hash).
-    fn state(&mut self) -> Result<(Option<Applied>, HashSet<Hash>), PushError>;
+    /// The replica's applied state, and what it kept from a transfer cut
+    /// off before its commit.
+    fn state(&mut self) -> Result<ReplicaState, PushError>;
     /// Whether content is compressed where it pays (the bytes travel).
     fn compress(&self) -> bool;
     /// The replica the batches are made for ([`ANY_REPLICA`] unless the
@@ -79,6 +79,16 @@ trait Destination {
     ) -> Result<(), JournalError> {
         journal.acknowledge(&self.name(), to, cache)
     }
+}
+
+/// What a destination says of its replica before a push.
+#[derive(Default)]
+struct ReplicaState {
+    applied: Option<Applied>,
+    /// Content kept from a transfer cut off before its commit, by hash.
+    kept: HashSet<Hash>,
+    /// The start of the file such a transfer was cut off in.
+    partial: Option<Partial>,
 }
 
 /// A batch carried and applied.
@@ -122,7 +132,11 @@ fn push_to(
 ) -> Result<PushReport, PushError> {
     let started = Instant::now();
     let journal_id = journal.journal_id()?;
-    let (applied, kept) = destination.state()?;
+    let ReplicaState {
+        applied,
+        kept,
+        partial,
+    } = destination.state()?;
     if let Some(a) = applied
         && a.source_id != journal_id
     {
@@ -201,6 +215,7 @@ fn push_to(
             cache: &cache,
             whole: &whole,
             kept: &kept,
+            partial: partial.as_ref(),
             live: !opts.dry_run,
             compress: destination.compress(),
         };

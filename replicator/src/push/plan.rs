@@ -37,6 +37,7 @@ use journal::{Changeset, ContentChange, FileChange, FileId, FileKind, Journal, N
 use super::cache::{ReplicaCopy, SignatureBuilder, cached_size, signature_of};
 use super::report::{Progress, PushError};
 use super::source::{Source, data_extents};
+use crate::apply::Partial;
 use crate::batch::{
     Chunk, Content, Extent, Hash, NodeKind, Op, OpSink, RelPath, Timestamp, WriteRange,
     limits::{MAX_CHUNK_LEN, delta_output_limit},
@@ -69,6 +70,9 @@ pub(super) struct Plan<'a> {
     /// Content the replica kept from a push cut off before its commit, by
     /// hash: a new file with that content goes as `CreateFromKept`.
     pub kept: &'a HashSet<Hash>,
+    /// The start of a file the replica kept from a push cut off inside it:
+    /// a new file at that path and of that size goes as `ResumeFile`.
+    pub partial: Option<&'a Partial>,
     /// Freeze files while reading them and take them clean afterwards;
     /// false for a dry run, which changes nothing.
     pub live: bool,
@@ -235,6 +239,7 @@ impl Plan<'_> {
             touched_parents: BTreeSet::new(),
             full_metadata: HashSet::new(),
             kept_used: HashSet::new(),
+            partial_used: false,
         };
         w.count_content()?;
         if self.changes.from == journal::Seq(0) {
@@ -290,6 +295,8 @@ struct Writing<'p, 'o, S: OpSink> {
     /// Kept content already named by a `CreateFromKept` (the replica holds
     /// one copy of each).
     kept_used: HashSet<Hash>,
+    /// The kept partial file was named by a `ResumeFile`.
+    partial_used: bool,
 }
 
 impl<S: OpSink> Writing<'_, '_, S> {
@@ -573,11 +580,24 @@ impl<S: OpSink> Writing<'_, '_, S> {
                 Hashing::AsSent(TreeBuilder::new(), signature)
             };
             self.owns_next(id);
-            self.push(Op::BeginFile {
-                path: path.clone(),
-                mode: perm(md),
-                size: r.size,
-            })?;
+            // What the replica kept of this file is read and hashed here,
+            // not sent.
+            let have = self.resumable(id, path, r.size);
+            if have > 0 {
+                self.push(Op::ResumeFile {
+                    path: path.clone(),
+                    mode: perm(md),
+                    size: r.size,
+                    from: have,
+                })?;
+                self.done.kept_bytes += have;
+            } else {
+                self.push(Op::BeginFile {
+                    path: path.clone(),
+                    mode: perm(md),
+                    size: r.size,
+                })?;
+            }
             let mut buf = Vec::new();
             for (start, len) in extents {
                 let mut at = start;
@@ -593,8 +613,14 @@ impl<S: OpSink> Writing<'_, '_, S> {
                             s.add(&buf);
                         }
                     }
-                    let data = self.chunk(&buf);
-                    self.push(Op::FileData { offset: at, data })?;
+                    let send_from = have.max(at);
+                    if send_from < at + n {
+                        let data = self.chunk(&buf[(send_from - at) as usize..]);
+                        self.push(Op::FileData {
+                            offset: send_from,
+                            data,
+                        })?;
+                    }
                     at += n;
                 }
             }
@@ -611,6 +637,26 @@ impl<S: OpSink> Writing<'_, '_, S> {
         };
         self.remember(id, tree, signature);
         Ok(())
+    }
+
+    /// How many bytes at the start of the new file `id` at `path` (of
+    /// `size` bytes) the replica kept from a push cut off inside it: 0
+    /// unless it kept a partial file at that path and of that size, not
+    /// yet used, and the file is not to be sent whole. The `EndFile` hash
+    /// checks that what it kept is this file's start.
+    fn resumable(&mut self, id: FileId, path: &RelPath, size: u64) -> u64 {
+        match self.plan.partial {
+            Some(p)
+                if !self.partial_used
+                    && p.path == *path
+                    && p.size == size
+                    && !self.plan.whole.contains(&id) =>
+            {
+                self.partial_used = true;
+                p.have
+            }
+            _ => 0,
+        }
     }
 
     /// Creates the new file at `path` from content the replica kept, if it

@@ -2,7 +2,6 @@
 //! or the daemon): the batch is written into the stream as it is planned,
 //! and the receiver answers once it has committed it.
 
-use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -10,10 +9,9 @@ use journal::Journal;
 
 use super::{
     Attempt, Delivered, Destination, Plan, Progress, PushError, PushOptions, PushReport,
-    refused_file,
+    ReplicaState, refused_file,
 };
-use crate::apply::Applied;
-use crate::batch::{BatchHeader, Hash};
+use crate::batch::BatchHeader;
 use crate::remote::{Connection, Ready, RemoteError, ToSender};
 
 /// Pushes to the replica at the other end of `conn` (opened, with what it
@@ -54,9 +52,13 @@ impl<R: Read, W: Write> Destination for Remote<'_, R, W> {
         self.name.to_string()
     }
 
-    fn state(&mut self) -> Result<(Option<Applied>, HashSet<Hash>), PushError> {
+    fn state(&mut self) -> Result<ReplicaState, PushError> {
         let ready = self.ready.take().unwrap_or_default();
-        Ok((ready.applied, ready.kept))
+        Ok(ReplicaState {
+            applied: ready.applied,
+            kept: ready.kept,
+            partial: ready.partial,
+        })
     }
 
     fn compress(&self) -> bool {

@@ -5,7 +5,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 
 use super::RemoteError;
 use super::message::{self, GREETING, MAX_KEPT, PROTOCOL, ToReceiver, ToSender};
-use crate::apply::Applied;
+use crate::apply::{Applied, Partial};
 use crate::batch::{BatchError, BatchHeader, BatchWriter, Hash};
 
 /// What the receiver said when the connection opened.
@@ -15,6 +15,8 @@ pub struct Ready {
     pub applied: Option<Applied>,
     /// Content the replica kept from a transfer cut off before its commit.
     pub kept: HashSet<Hash>,
+    /// The start of the file such a transfer was cut off in.
+    pub partial: Option<Partial>,
 }
 
 /// A connection to a receiver, past its `Ready`.
@@ -66,11 +68,16 @@ impl<R: Read, W: Write> Connection<R, W> {
                     kept.len()
                 )))
             }
-            ToSender::Ready { applied, kept } => Ok((
+            ToSender::Ready {
+                applied,
+                kept,
+                partial,
+            } => Ok((
                 conn,
                 Ready {
                     applied,
                     kept: kept.into_iter().collect(),
+                    partial,
                 },
             )),
             ToSender::Refused { message } => Err(RemoteError::Refused(message)),

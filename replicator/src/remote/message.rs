@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::apply::{Applied, ApplyReport};
+use crate::apply::{Applied, ApplyReport, Partial};
 use crate::batch::Hash;
 
 /// What a receiver writes first, before any message: a sender that reads
@@ -45,11 +45,12 @@ pub enum ToReceiver {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToSender {
     /// The replica is open and locked for this connection: its applied
-    /// state, and the content it kept from transfers cut off before their
-    /// commit (by hash).
+    /// state, the content it kept from transfers cut off before their
+    /// commit (by hash), and the start of the file one was cut off in.
     Ready {
         applied: Option<Applied>,
         kept: Vec<Hash>,
+        partial: Option<Partial>,
     },
     /// The connection cannot go on (the replica cannot be opened, the
     /// versions differ).

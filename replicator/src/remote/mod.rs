@@ -37,6 +37,8 @@ mod message;
 mod receive;
 
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod tests;
 
 pub use connection::{Connection, Ready};

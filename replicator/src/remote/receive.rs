@@ -73,16 +73,23 @@ pub fn receive<R: Read, W: Write>(
         .map_err(|e| refuse(&mut w, format!("replica {}: {e}", root.display())))?;
     let ready = session
         .applied()
-        .and_then(|applied| Ok((applied, session.kept(MAX_KEPT)?)));
-    let (applied, kept) =
+        .and_then(|applied| Ok((applied, session.kept(MAX_KEPT)?, session.partial()?)));
+    let (applied, kept, partial) =
         ready.map_err(|e| refuse(&mut w, format!("replica {}: {e}", root.display())))?;
     let mut done = Received {
         replica: Some(root.clone()),
         applied: 0,
         seq: applied.map_or(0, |a| a.seq),
     };
-    message::send(&mut w, &ToSender::Ready { applied, kept })
-        .map_err(RemoteError::io("sending Ready"))?;
+    message::send(
+        &mut w,
+        &ToSender::Ready {
+            applied,
+            kept,
+            partial,
+        },
+    )
+    .map_err(RemoteError::io("sending Ready"))?;
 
     loop {
         let msg =

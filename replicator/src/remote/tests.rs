@@ -355,3 +355,94 @@ fn two_connections_to_one_replica_take_turns() {
     conn.close().unwrap();
     handle.join().unwrap().unwrap();
 }
+
+#[test]
+fn a_file_cut_off_in_the_middle_is_continued_where_it_stopped() {
+    let d = dirs();
+    let data: Vec<u8> = (0..12_000_000u32)
+        .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
+        .collect();
+    let piece = |offset: usize, len: usize| Op::FileData {
+        offset: offset as u64,
+        data: crate::batch::Chunk::Raw(data[offset..offset + len].to_vec()),
+    };
+    {
+        let (mut conn, _, handle) = connect(&d.replica);
+        let mut w = conn.batch(header(0, 3)).unwrap();
+        w.push(&Op::BeginFile {
+            path: p("big"),
+            mode: 0o600,
+            size: data.len() as u64,
+        })
+        .unwrap();
+        w.push(&piece(0, 4 << 20)).unwrap();
+        w.push(&piece(4 << 20, 3 << 20)).unwrap();
+        // Cut off: the rest never comes.
+        drop(w);
+        drop(conn);
+        assert!(handle.join().unwrap().is_err());
+    }
+    let have = 7 << 20;
+    let resume = |content: &[u8]| {
+        vec![
+            Op::ResumeFile {
+                path: p("big"),
+                mode: 0o640,
+                size: data.len() as u64,
+                from: have as u64,
+            },
+            Op::FileData {
+                offset: have as u64,
+                data: crate::batch::Chunk::Raw(content[have..].to_vec()),
+            },
+            Op::EndFile {
+                result: Hash::of(content),
+            },
+        ]
+    };
+
+    // A sender whose file now starts differently: the replica's start does
+    // not match, which the sender hears as a base mismatch (and sends the
+    // file whole).
+    let (mut conn, ready, handle) = connect(&d.replica);
+    let partial = ready.partial.expect("the partial file is listed");
+    assert_eq!(
+        (partial.path, partial.size, partial.have),
+        (p("big"), data.len() as u64, have as u64)
+    );
+    let mut changed = data.clone();
+    changed[100] ^= 1;
+    let ToSender::Failed { base_mismatch, .. } = send_batch(&mut conn, 0, 3, &resume(&changed))
+    else {
+        panic!("a resumed file with another start was applied");
+    };
+    assert_eq!(base_mismatch, Some(1));
+    conn.close().unwrap();
+    handle.join().unwrap().unwrap();
+
+    // Cut off again, then continued with the right start.
+    {
+        let (mut conn, _, handle) = connect(&d.replica);
+        let mut w = conn.batch(header(0, 3)).unwrap();
+        w.push(&Op::BeginFile {
+            path: p("big"),
+            mode: 0o600,
+            size: data.len() as u64,
+        })
+        .unwrap();
+        w.push(&piece(0, 4 << 20)).unwrap();
+        w.push(&piece(4 << 20, 3 << 20)).unwrap();
+        drop(w);
+        drop(conn);
+        assert!(handle.join().unwrap().is_err());
+    }
+    let (mut conn, ready, handle) = connect(&d.replica);
+    assert_eq!(ready.partial.map(|p| p.have), Some(have as u64));
+    let ToSender::Applied(r) = send_batch(&mut conn, 0, 3, &resume(&data)) else {
+        panic!("the resumed file was not applied");
+    };
+    assert_eq!(r.to_seq, 3);
+    assert_eq!(std::fs::read(d.replica.join("big")).unwrap(), data);
+    conn.close().unwrap();
+    handle.join().unwrap().unwrap();
+}
