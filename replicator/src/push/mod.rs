@@ -1,19 +1,23 @@
 //! Pushing: what the journal recorded since a replica's applied sequence
 //! number, made into one batch and applied on the replica.
 //!
-//! 1. Read the replica's applied sequence number `from` (beside it) and
-//!    fix `to` with the journal's barrier. Equal, or only records that
-//!    change nothing on a replica in between: nothing to do (this path
-//!    costs what the records since the last push cost, whatever the tree's
-//!    size).
+//! The same steps whatever carries the batch; a [`Destination`] carries
+//! it: `local` (a replica directory here: the applier on its own thread
+//! takes the operations as values, `batch::local`), `remote` (a receiver
+//! at the other end of a connection, `crate::remote`) or `batch_dir` (a
+//! batch file, recorded as sent).
+//!
+//! 1. Ask the destination for the replica's applied sequence number `from`
+//!    (and what it kept of a push cut off) and fix `to` with the journal's
+//!    barrier. Equal, or only records that change nothing on a replica in
+//!    between: nothing to do (this path costs what the records since the
+//!    last push cost, whatever the tree's size).
 //! 2. The tree at `from` and the records of `(from, to]` (the journal keeps
 //!    both from the previous push, so this costs what changed), their
 //!    changeset, and its namespace steps (`journal::Changeset`).
-//! 3. `plan` makes the batch's operations while the applier, on another
-//!    thread, stages them (`batch::local`: in process, the operations are
-//!    handed over as values, not encoded): the batch is never held whole in
-//!    memory or on disk. The applier commits only once the batch is
-//!    complete.
+//! 3. `plan` makes the batch's operations while the replica side stages
+//!    them as they come: the batch is never held whole in memory or on
+//!    disk. The applier commits only once the batch is complete.
 //! 4. A base that does not match on the replica (its copy was changed
 //!    behind ferry's back) stops the apply before anything is visible; the
 //!    file is then sent with full content and the batch made again.
