@@ -1,7 +1,7 @@
 //! Pushing: what the journal recorded since a replica's applied sequence
 //! number, made into one batch and applied on the replica.
 //!
-//! The same steps whatever carries the batch; a [`Destination`] carries
+//! The same steps whatever carries the batch; a `Destination` carries
 //! it: `local` (a replica directory here: the applier on its own thread
 //! takes the operations as values, `batch::local`), `remote` (a receiver
 //! at the other end of a connection, `crate::remote`) or `batch_dir` (a
