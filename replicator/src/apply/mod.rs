@@ -885,6 +885,12 @@ impl Session {
             recovered: std::mem::take(&mut self.recovered),
             ..ApplyReport::default()
         };
+        // A commit that failed earlier in this session (a step the
+        // filesystem refused) is finished first, as at open: its staged
+        // entries are still needed, and it may be the batch that follows.
+        if rep.recover(&mut ApplyReport::default())? {
+            report.recovered = true;
+        }
         let applied = read_applied_in(&rep.state)?;
         let h = reader.header().clone();
         report.from_seq = h.from_seq;

@@ -1549,3 +1549,36 @@ fn a_sparse_file_with_a_large_hole_still_applies() {
     assert_eq!(&data[data.len() - 4..], b"tail");
     assert!(staging_is_empty(&f));
 }
+
+/// A commit step that fails (the filesystem refuses it: ENOSPC, EIO) keeps
+/// the commit log; a receiver keeps its session and the sender sends the
+/// batch again. That apply must finish the kept commit first: it used to
+/// empty staging (whose entries the log still needed) and the next open
+/// then recorded the batch as applied without its files. Found by reading
+/// the receiver while writing its fuzz target.
+#[test]
+fn a_commit_that_failed_is_finished_before_the_same_session_goes_on() {
+    let f = Fixture::new();
+    let bytes = batch_bytes(0, 1, &[create("x", 0o644, Content::Raw(b"x".to_vec()))]);
+    let mut session = Session::open(&f.replica).expect("open");
+    let failing = ApplyOptions {
+        // After the log is written: the commit stops as a failed step would.
+        crash_after_step: Some(2),
+        ..ApplyOptions::default()
+    };
+    assert!(matches!(
+        session.apply_from(&mut BatchReader::new(&bytes[..]).unwrap(), &failing),
+        Err(ApplyError::InjectedCrash(2))
+    ));
+    let again = session
+        .apply_from(
+            &mut BatchReader::new(&bytes[..]).unwrap(),
+            &ApplyOptions::default(),
+        )
+        .expect("the retry");
+    assert!(again.recovered && again.skipped, "{again:?}");
+    assert_eq!(fs::read(f.replica.join("x")).unwrap(), b"x");
+    drop(session);
+    assert_eq!(read_applied(&f.replica).unwrap().map(|a| a.seq), Some(1));
+    assert!(staging_is_empty(&f));
+}

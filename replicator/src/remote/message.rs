@@ -57,7 +57,9 @@ pub enum ToSender {
     Refused { message: String },
     /// The batch was applied (or skipped as already applied).
     Applied(ApplyReport),
-    /// The batch was not applied; nothing on the replica changed.
+    /// The batch was not applied; nothing on the replica changed, unless
+    /// a step of its commit failed (then its log is kept, and the next
+    /// apply or connection finishes it before anything else).
     /// `base_mismatch` is the operation whose base did not match, when
     /// that was the cause (the sender then sends that file whole).
     Failed {

@@ -37,6 +37,8 @@ mod message;
 mod receive;
 
 #[cfg(test)]
+mod fuzz_seeds;
+#[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
 mod tests;
