@@ -171,13 +171,30 @@ fn compress(data: &[u8]) -> Option<Vec<u8>> {
     // large files) costs zstd as much CPU as data that does: a sample at
     // the start decides for a large piece.
     if data.len() > 4 * PROBE {
-        let sample = zstd::bulk::compress(&data[..PROBE], ZSTD_LEVEL).ok()?;
+        let sample = zstd_compress(&data[..PROBE])?;
         if !pays(PROBE, sample.len()) {
             return None;
         }
     }
-    let c = zstd::bulk::compress(data, ZSTD_LEVEL).ok()?;
+    let c = zstd_compress(data)?;
     pays(data.len(), c.len()).then_some(c)
+}
+
+/// zstd at `ZSTD_LEVEL` with a context kept per thread: a seed compresses
+/// (or tries to) every small file, and a new context each time costs more
+/// than compressing a few kilobytes.
+fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()?);
+        }
+        c.as_mut()?.compress(data).ok()
+    })
 }
 
 /// Bytes of a large piece compressed to decide whether the rest is worth
