@@ -223,7 +223,6 @@ fn a_receiver_that_cannot_be_reached_or_is_not_ferry_is_reported() {
 struct Daemon {
     child: Child,
     address: String,
-    log: Arc<Mutex<String>>,
 }
 
 impl Daemon {
@@ -238,18 +237,15 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start ferry serve");
-        let (line, log) = wait_for_line(&mut child, "serving").expect("the daemon did not start");
+        // Its log keeps being drained (it must never block on a full pipe).
+        let (line, _log) = wait_for_line(&mut child, "serving").expect("the daemon did not start");
         let address = line
             .trim()
             .rsplit(' ')
             .next()
             .expect("the address ends the line")
             .to_string();
-        Daemon {
-            child,
-            address,
-            log,
-        }
+        Daemon { child, address }
     }
 
     fn url(&self, name: &str) -> String {
@@ -298,7 +294,6 @@ fn the_daemon_refuses_a_wrong_key_and_serves_two_pushes_at_once() {
         0,
         "a refused push left something under the daemon's root"
     );
-    assert!(daemon.log.lock().unwrap().contains("refused"));
 
     // Two pushes at once, to two replicas.
     let key_args = [OsStr::new("--key-file"), key.as_os_str()];
