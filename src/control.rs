@@ -110,6 +110,32 @@ pub struct RemoteStream {
     pub writer: Box<dyn Write + Send>,
 }
 
+impl RemoteStream {
+    /// The stream over `reader` and `writer`, authenticated with a daemon
+    /// session's `keys` when there are some.
+    pub fn new(
+        name: String,
+        replica: String,
+        reader: std::fs::File,
+        writer: std::fs::File,
+        keys: Option<SessionKeys>,
+    ) -> RemoteStream {
+        let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match keys {
+            Some(keys) => (
+                Box::new(MacReader::new(reader, &keys)),
+                Box::new(MacWriter::new(writer, &keys)),
+            ),
+            None => (Box::new(reader), Box::new(writer)),
+        };
+        RemoteStream {
+            name,
+            replica,
+            reader,
+            writer,
+        }
+    }
+}
+
 impl Target {
     fn describe(&self) -> String {
         match self {
@@ -544,20 +570,8 @@ fn into_target(
             }
             let writer = std::fs::File::from(fds.pop().expect("two"));
             let reader = std::fs::File::from(fds.pop().expect("two"));
-            let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match keys {
-                Some(keys) => (
-                    Box::new(MacReader::new(reader, &keys)),
-                    Box::new(MacWriter::new(writer, &keys)),
-                ),
-                None => (Box::new(reader), Box::new(writer)),
-            };
             Ok((
-                Target::Remote(RemoteStream {
-                    name,
-                    replica,
-                    reader,
-                    writer,
-                }),
+                Target::Remote(RemoteStream::new(name, replica, reader, writer, keys)),
                 options,
             ))
         }

@@ -9,7 +9,7 @@
 //! A live mount is then handed the stream's descriptors and speaks the
 //! protocol over them itself (see `control`).
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ use serde_json::Value;
 use super::bytes;
 use crate::cli::PushArgs;
 use crate::control::{self, Handler, RemoteStream, Request, Target, TargetSpec};
-use crate::remote::auth::{self, Key, MacReader, MacWriter};
+use crate::remote::auth::{self, Key};
 use crate::remote::ssh;
 use crate::{mounts, state_dir};
 
@@ -372,19 +372,7 @@ fn offline(
             ssh: child,
         } => {
             *ssh = child;
-            let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match keys {
-                Some(keys) => (
-                    Box::new(MacReader::new(reader, &keys)),
-                    Box::new(MacWriter::new(writer, &keys)),
-                ),
-                None => (Box::new(reader), Box::new(writer)),
-            };
-            Target::Remote(RemoteStream {
-                name,
-                replica,
-                reader,
-                writer,
-            })
+            Target::Remote(RemoteStream::new(name, replica, reader, writer, keys))
         }
     };
     let (journal, recovery) =
