@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use replicator::apply::{ApplyOptions, ApplyReport, Session};
 use replicator::batch::{ANY_REPLICA, BatchHeader, BatchReader, validate};
 use serde::Serialize;
@@ -43,7 +43,8 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<()> {
         batches.push((path.clone(), valid.header));
     }
     batches.sort_by_key(|(_, h)| (h.from_seq, h.to_seq));
-    make_replica_dir(&args.replica)?;
+    super::make_replica_dir(&args.replica)
+        .with_context(|| format!("replica directory {}", args.replica.display()))?;
     let mut session = Session::open(&args.replica)
         .with_context(|| format!("replica {}", args.replica.display()))?;
     let applied = session.applied()?;
@@ -113,15 +114,6 @@ fn outcome(path: &Path, h: &BatchHeader, report: Option<ApplyReport>) -> Outcome
         content_bytes: report.content_bytes,
         commit_window_us: report.commit_window_us,
         warnings: report.warnings,
-    }
-}
-
-/// The replica directory, made if missing (its parent must exist).
-fn make_replica_dir(path: &Path) -> anyhow::Result<()> {
-    match std::fs::create_dir(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(anyhow!(e).context(format!("replica directory {}", path.display()))),
     }
 }
 

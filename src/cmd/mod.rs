@@ -29,6 +29,15 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     .map(|()| ExitCode::SUCCESS)
 }
 
+/// Makes the replica directory `path` if it is missing (not its parents:
+/// a mistyped path should not grow a tree); an existing directory is fine.
+pub(crate) fn make_replica_dir(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::create_dir(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        made => made,
+    }
+}
+
 /// A byte count for people: `512 B`, `1.5 KiB`, `3.2 GiB`.
 fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -22,14 +22,9 @@ pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The replica directory, made if missing (not its parents: a mistyped
-/// path should not grow a tree).
+/// The replica directory, made if missing.
 fn replica_dir(path: &Path) -> Result<PathBuf, String> {
-    match std::fs::create_dir(path) {
-        Ok(()) => Ok(path.to_path_buf()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {
-            Ok(path.to_path_buf())
-        }
-        Err(e) => Err(format!("the replica directory {}: {e}", path.display())),
-    }
+    super::make_replica_dir(path)
+        .map(|()| path.to_path_buf())
+        .map_err(|e| format!("the replica directory {}: {e}", path.display()))
 }

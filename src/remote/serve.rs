@@ -178,11 +178,9 @@ fn replica_dir(root: &Path, name: &str) -> Result<PathBuf, String> {
         ));
     }
     let dir = root.join(name);
-    match std::fs::create_dir(&dir) {
-        Ok(()) => Ok(dir),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(dir),
-        Err(e) => Err(format!("making the replica {name}: {e}")),
-    }
+    crate::cmd::make_replica_dir(&dir)
+        .map(|()| dir)
+        .map_err(|e| format!("making the replica {name}: {e}"))
 }
 
 #[cfg(test)]
