@@ -172,6 +172,10 @@ pub struct PushArgs {
     /// The key file shared with a ferry daemon (ferry:// destinations).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
+    /// How long a live mount keeps an ssh connection open after a push, for
+    /// the next push to the same destination to reuse (0: close it at once).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub keep_connection: u64,
     /// An unmounted state directory to push from (needs --source).
     #[arg(long, requires = "source")]
     pub state: Option<PathBuf>,

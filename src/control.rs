@@ -7,7 +7,8 @@
 //! ```text
 //! {"push":{"replica":"/abs/path","options":{"dry_run":false}}}
 //! {"push_to":{"target":{"batch_dir":"/abs/dir"},"options":{...}}}
-//! {"push_to":{"target":{"connection":{"name":"host:/path","replica":"","keys":null}},"options":{...}}}
+//! {"push_to":{"target":{"connection":{"name":"host:/path","replica":"","keys":null,"keep":{"key":"...","seconds":60}}},"options":{...}}}
+//! {"push_to":{"target":{"kept":{"key":"..."}},"options":{...}}}
 //! ```
 //!
 //! A `connection` request comes with two descriptors (`SCM_RIGHTS`, sent
@@ -15,10 +16,16 @@
 //! stream to a receiver, which the `ferry push` process opened (ssh
 //! started with the user's environment and terminal, or a daemon's socket
 //! after the handshake, whose session `keys` the request then carries).
-//! The mount process speaks the protocol over them directly.
+//! The mount process speaks the protocol over them directly. With `keep`,
+//! a connection that pushed successfully is released (the replica
+//! unlocked) and kept for `seconds` under `key`; a `kept` request pushes
+//! through it, or answers `"not_kept"` when there is none (or it died), and
+//! the client opens a new one. Continuous pushes over ssh so pay ssh's
+//! connection setup once.
 //!
 //! and gets back JSON lines: `{"progress":{...}}` zero or more times, then
-//! exactly one `{"done":{...PushReport...}}` or `{"error":"message"}`; then
+//! exactly one `{"done":{...PushReport...}}`, `{"error":"message"}` or
+//! `"not_kept"`; then
 //! the server closes the connection. A client that goes away mid-push does
 //! not stop the push: it completes (or fails safely) and its replies are
 //! dropped.
@@ -28,11 +35,12 @@
 //! a journal with the checks every push makes, used by the server and by
 //! an offline `ferry push --state`.
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -89,14 +97,44 @@ pub enum TargetSpec {
         name: String,
         replica: String,
         keys: Option<SessionKeys>,
+        /// Keep the connection after a successful push.
+        #[serde(default)]
+        keep: Option<Keep>,
     },
+    /// The connection an earlier push kept under `key`.
+    Kept { key: String },
 }
+
+/// How a connection is kept after its push: under `key` (what a later
+/// request names it by: the destination and how it was reached), for
+/// `seconds` after the push.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keep {
+    pub key: String,
+    pub seconds: u64,
+}
+
+/// The answer to a `kept` request when no connection is kept under its key
+/// (or the kept one no longer works): open a new one.
+#[derive(Debug)]
+pub struct NotKept;
+
+impl std::fmt::Display for NotKept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no connection is kept for this destination")
+    }
+}
+
+impl std::error::Error for NotKept {}
 
 /// Where a push goes.
 pub enum Target {
     Local(PathBuf),
     BatchDir(PathBuf),
     Remote(RemoteStream),
+    /// The connection kept under this key.
+    Kept(String),
 }
 
 /// A stream to a receiver.
@@ -108,6 +146,8 @@ pub struct RemoteStream {
     pub replica: String,
     pub reader: Box<dyn Read + Send>,
     pub writer: Box<dyn Write + Send>,
+    /// Keep the connection after a successful push.
+    pub keep: Option<Keep>,
 }
 
 impl RemoteStream {
@@ -132,6 +172,7 @@ impl RemoteStream {
             replica,
             reader,
             writer,
+            keep: None,
         }
     }
 }
@@ -141,6 +182,7 @@ impl Target {
         match self {
             Target::Local(p) | Target::BatchDir(p) => p.display().to_string(),
             Target::Remote(r) => r.name.clone(),
+            Target::Kept(key) => format!("the connection kept for {key}"),
         }
     }
 }
@@ -154,6 +196,8 @@ pub enum Reply<R> {
     Progress(Progress),
     Done(R),
     Error(String),
+    /// See [`NotKept`].
+    NotKept,
 }
 
 /// Does a push for a request: the server's work, behind a trait so that
@@ -175,6 +219,19 @@ pub struct Pusher {
     mountpoint: Option<PathBuf>,
     state: PathBuf,
     one_at_a_time: Mutex<()>,
+    /// Connections kept by their pushes' `keep`, by key.
+    kept: Arc<Mutex<HashMap<String, Parked>>>,
+    /// Numbers parked connections, so that a timer closes only its own.
+    parked: AtomicU64,
+}
+
+/// A connection released after its push and kept for the next one.
+struct Parked {
+    number: u64,
+    name: String,
+    replica: String,
+    keep: Keep,
+    conn: Connection<Box<dyn Read + Send>, Box<dyn Write + Send>>,
 }
 
 impl Pusher {
@@ -192,8 +249,53 @@ impl Pusher {
             mountpoint,
             state,
             one_at_a_time: Mutex::new(()),
+            kept: Arc::new(Mutex::new(HashMap::new())),
+            parked: AtomicU64::new(0),
         }
     }
+
+    /// Keeps `conn` (released) under its key for `keep.seconds`, closing
+    /// the one kept there before; a timer closes it unless a push has
+    /// taken it by then.
+    fn park(&self, parked: Parked) {
+        let number = self.parked.fetch_add(1, Ordering::Relaxed);
+        let (key, seconds) = (parked.keep.key.clone(), parked.keep.seconds);
+        let replaced = lock(&self.kept).insert(key.clone(), Parked { number, ..parked });
+        close_parked(replaced);
+        let kept = Arc::downgrade(&self.kept);
+        let timed = key.clone();
+        let timer = std::thread::Builder::new()
+            .name("ferry-kept".into())
+            .spawn(move || {
+                let key = timed;
+                std::thread::sleep(Duration::from_secs(seconds));
+                let Some(kept) = kept.upgrade() else { return };
+                let mut kept = lock(&kept);
+                if kept.get(&key).is_some_and(|p| p.number == number) {
+                    close_parked(kept.remove(&key));
+                }
+            });
+        if let Err(e) = timer {
+            // Without its timer the connection would stay open: close it.
+            tracing::warn!(error = %e, "cannot start a thread to time a kept connection");
+            close_parked(lock(&self.kept).remove(&key));
+        }
+    }
+}
+
+/// Ends a kept connection (`Done`: its receiver exits; dropping the stream
+/// then ends ssh).
+fn close_parked(parked: Option<Parked>) {
+    if let Some(p) = parked
+        && let Err(e) = p.conn.close()
+    {
+        tracing::debug!(destination = %p.name, error = %e, "closing a kept connection");
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a holder panicked; the data stays usable.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Handler for Pusher {
@@ -220,10 +322,7 @@ impl Handler for Pusher {
         };
         // A poisoned lock only means an earlier push panicked; the journal
         // and the replica protect their own consistency.
-        let _one = self
-            .one_at_a_time
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one = lock(&self.one_at_a_time);
         let name = target.describe();
         tracing::info!(destination = %name, dry_run = options.dry_run, "push");
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -253,23 +352,65 @@ impl Pusher {
                 push::push_batch_dir(journal, source, &dir, options, progress)?
             }
             Target::Remote(stream) => {
-                let (mut conn, ready) =
-                    Connection::open(stream.reader, stream.writer, &stream.replica)
-                        .with_context(|| format!("the replica {}", stream.name))?;
-                let report = push::push_remote(
-                    journal,
-                    source,
-                    &mut conn,
-                    ready,
-                    &stream.name,
-                    options,
-                    progress,
-                )?;
-                conn.close()
+                let (conn, ready) = Connection::open(stream.reader, stream.writer, &stream.replica)
                     .with_context(|| format!("the replica {}", stream.name))?;
+                let parked = Parked {
+                    number: 0,
+                    name: stream.name,
+                    replica: stream.replica,
+                    keep: stream.keep.unwrap_or(Keep {
+                        key: String::new(),
+                        seconds: 0,
+                    }),
+                    conn,
+                };
+                self.push_connection(parked, ready, options, progress)?
+            }
+            Target::Kept(key) => {
+                let Some(mut parked) = lock(&self.kept).remove(&key) else {
+                    return Err(NotKept.into());
+                };
+                let ready = match parked.conn.reopen(&parked.replica) {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        // Ended by the other side, or ssh gone: a new one.
+                        tracing::info!(destination = %parked.name, error = %e, "the kept connection no longer works");
+                        return Err(NotKept.into());
+                    }
+                };
+                let mut report = self.push_connection(parked, ready, options, progress)?;
+                report.reused_connection = true;
                 report
             }
         })
+    }
+
+    /// Pushes through an open connection; then keeps it (released) if it
+    /// is to be kept, or ends it.
+    fn push_connection(
+        &self,
+        mut parked: Parked,
+        ready: replicator::remote::Ready,
+        options: &PushOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> anyhow::Result<PushReport> {
+        let report = replicator::push::push_remote(
+            &self.journal,
+            &self.source,
+            &mut parked.conn,
+            ready,
+            &parked.name,
+            options,
+            progress,
+        )?;
+        let context = || format!("the replica {}", parked.name);
+        if parked.keep.seconds == 0 {
+            parked.conn.close().with_context(context)?;
+        } else {
+            parked.conn.release().with_context(context)?;
+            self.park(parked);
+        }
+        Ok(report)
     }
 }
 
@@ -534,6 +675,7 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
     let name = target.describe();
     let reply = match handler.push(target, &options, &mut |p| replies.progress(p)) {
         Ok(report) => Reply::Done(report),
+        Err(err) if err.is::<NotKept>() => Reply::NotKept,
         Err(err) => {
             let msg = one_line(&err);
             tracing::warn!(destination = %name, error = %msg, "push failed");
@@ -554,11 +696,16 @@ fn into_target(
             options,
         } => Ok((Target::BatchDir(dir), options)),
         Request::PushTo {
+            target: TargetSpec::Kept { key },
+            options,
+        } => Ok((Target::Kept(key), options)),
+        Request::PushTo {
             target:
                 TargetSpec::Connection {
                     name,
                     replica,
                     keys,
+                    keep,
                 },
             options,
         } => {
@@ -570,10 +717,11 @@ fn into_target(
             }
             let writer = std::fs::File::from(fds.pop().expect("two"));
             let reader = std::fs::File::from(fds.pop().expect("two"));
-            Ok((
-                Target::Remote(RemoteStream::new(name, replica, reader, writer, keys)),
-                options,
-            ))
+            let stream = RemoteStream {
+                keep,
+                ..RemoteStream::new(name, replica, reader, writer, keys)
+            };
+            Ok((Target::Remote(stream), options))
         }
     }
 }
@@ -680,6 +828,7 @@ pub fn request_push(
             Reply::Progress(p) => progress(p),
             Reply::Done(report) => return Ok(report),
             Reply::Error(msg) => return Err(anyhow!(msg)),
+            Reply::NotKept => return Err(NotKept.into()),
         }
     }
     bail!("the mount process closed the connection before the push finished (see its log)")
@@ -718,6 +867,9 @@ mod tests {
         ) -> anyhow::Result<PushReport> {
             if target.describe() == "/fail" {
                 bail!("no such replica");
+            }
+            if let Target::Kept(_) = target {
+                return Err(NotKept.into());
             }
             if let Target::Remote(mut r) = target {
                 // Echo what the stream brings, and count it.
@@ -774,6 +926,7 @@ mod tests {
                 name: "host:/r".into(),
                 replica: String::new(),
                 keys: None,
+                keep: None,
             },
             options: PushOptions::default(),
         };
@@ -836,6 +989,7 @@ mod tests {
                 name: "h:/r".into(),
                 replica: String::new(),
                 keys: None,
+                keep: None,
             },
             options: PushOptions::default(),
         })
@@ -845,6 +999,40 @@ mod tests {
         assert!(done["done"]["to_seq"].is_u64());
         let err = serde_json::to_value(Reply::<PushReport>::Error("x".into())).unwrap();
         assert_eq!(err, serde_json::json!({"error": "x"}));
+        let kept: Request =
+            serde_json::from_str(r#"{"push_to":{"target":{"kept":{"key":"h:/r"}}}}"#).unwrap();
+        assert!(matches!(
+            kept,
+            Request::PushTo { target: TargetSpec::Kept { ref key }, .. } if key == "h:/r"
+        ));
+        let keep: Request = serde_json::from_str(
+            r#"{"push_to":{"target":{"connection":{"name":"h:/r","replica":"","keys":null,"keep":{"key":"k","seconds":60}}}}}"#,
+        )
+        .unwrap();
+        let Request::PushTo {
+            target: TargetSpec::Connection { keep, .. },
+            ..
+        } = keep
+        else {
+            panic!("not a connection: {keep:?}");
+        };
+        assert_eq!(keep.unwrap().seconds, 60);
+        let not_kept = serde_json::to_value(Reply::<PushReport>::NotKept).unwrap();
+        assert_eq!(not_kept, serde_json::json!("not_kept"));
+    }
+
+    #[test]
+    fn a_kept_request_without_a_kept_connection_is_answered_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::new(0, Duration::ZERO);
+        let (server, path) = start(dir.path(), &fake);
+        let request = Request::PushTo {
+            target: TargetSpec::Kept { key: "h:/r".into() },
+            options: PushOptions::default(),
+        };
+        let err = request_push(connect(&path).unwrap(), &request, &[], &mut |_| {}).unwrap_err();
+        assert!(err.is::<NotKept>(), "{err:#}");
+        server.finish();
     }
 
     #[test]

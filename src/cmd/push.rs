@@ -22,9 +22,9 @@ use serde_json::Value;
 
 use super::bytes;
 use crate::cli::PushArgs;
-use crate::control::{self, Handler, RemoteStream, Request, Target, TargetSpec};
+use crate::control::{self, Handler, Keep, RemoteStream, Request, Target, TargetSpec};
 use crate::remote::auth::{self, Key};
-use crate::remote::ssh;
+use crate::remote::ssh::{self, SshProcess};
 use crate::{mounts, state_dir};
 
 /// How long connecting to a daemon may take.
@@ -124,7 +124,7 @@ enum Opened {
         writer: std::fs::File,
         keys: Option<auth::SessionKeys>,
         /// The ssh process, waited for at the end.
-        ssh: Option<std::process::Child>,
+        ssh: Option<SshProcess>,
     },
 }
 
@@ -138,10 +138,10 @@ impl Opened {
                 Opened::Remote {
                     name: format!("{host}:{path}"),
                     replica: String::new(),
-                    reader: std::fs::File::from(std::os::fd::OwnedFd::from(r.stdout)),
-                    writer: std::fs::File::from(std::os::fd::OwnedFd::from(r.stdin)),
+                    reader: std::fs::File::from(std::os::fd::OwnedFd::from(r.from_ssh)),
+                    writer: std::fs::File::from(std::os::fd::OwnedFd::from(r.to_ssh)),
                     keys: None,
-                    ssh: Some(r.child),
+                    ssh: Some(r.process),
                 }
             }
             Destination::Daemon { address, name } => {
@@ -206,20 +206,23 @@ pub fn run(mut args: PushArgs) -> anyhow::Result<()> {
             "name a MOUNTPOINT, or an unmounted journal with --state DIR --source SOURCE"
         )),
     }?;
-    let opened = Opened::open(destination, &args)?;
     let mut ssh = None;
     let pushed = match mode {
-        Mode::Live(mountpoint) => {
-            through_mount(&mountpoint, opened, &mut ssh, &options, &mut |p| {
-                bar.update(p)
+        Mode::Live(mountpoint) => live(
+            &mountpoint,
+            destination,
+            &args,
+            &mut ssh,
+            &options,
+            &mut |p| bar.update(p),
+        ),
+        Mode::Offline(state, source) => Opened::open(destination, &args)
+            .and_then(|opened| {
+                offline(&state, &source, opened, &mut ssh, &options, &mut |p| {
+                    bar.update(p)
+                })
             })
-        }
-        Mode::Offline(state, source) => {
-            offline(&state, &source, opened, &mut ssh, &options, &mut |p| {
-                bar.update(p)
-            })
-            .and_then(|r| serde_json::to_value(&r).context("encoding the report"))
-        }
+            .and_then(|r| serde_json::to_value(&r).context("encoding the report")),
     };
     bar.finish();
     let pushed = finish_ssh(ssh, pushed);
@@ -235,13 +238,13 @@ enum Mode {
     Offline(PathBuf, PathBuf),
 }
 
-/// Waits for the ssh process (its pipes are closed by now, so it ends),
+/// Waits for the ssh process (its stream is closed by now, so it ends),
 /// and adds how it ended to a failed push's error.
-fn finish_ssh<T>(ssh: Option<std::process::Child>, pushed: anyhow::Result<T>) -> anyhow::Result<T> {
-    let Some(mut child) = ssh else {
+fn finish_ssh<T>(ssh: Option<SshProcess>, pushed: anyhow::Result<T>) -> anyhow::Result<T> {
+    let Some(process) = ssh else {
         return pushed;
     };
-    let status = child.wait();
+    let status = process.wait();
     match (pushed, status) {
         (Err(e), Ok(status)) if !status.success() => {
             Err(e.context(format!("ssh ended with {status} (its messages are above)")))
@@ -250,50 +253,113 @@ fn finish_ssh<T>(ssh: Option<std::process::Child>, pushed: anyhow::Result<T>) ->
     }
 }
 
-/// Asks the mount process at `mountpoint` to push.
-fn through_mount(
+/// Pushes through the live mount at `mountpoint`: over the ssh connection
+/// it kept from an earlier push to the same destination if there is one,
+/// else over a new stream (which the mount then keeps, for ssh).
+fn live(
     mountpoint: &Path,
-    opened: Opened,
-    ssh: &mut Option<std::process::Child>,
+    destination: Destination,
+    args: &PushArgs,
+    ssh: &mut Option<SshProcess>,
     options: &PushOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<Value> {
-    let resolved = mounts::resolve(mountpoint)
-        .with_context(|| format!("MOUNTPOINT {}", mountpoint.display()))?;
-    let entry = mounts::at(&resolved)?.ok_or_else(|| {
-        anyhow!(
-            "{} is not mounted (push from an unmounted journal with --state DIR --source SOURCE)",
-            resolved.display()
-        )
-    })?;
-    let state = entry.ferry_state().ok_or_else(|| {
-        anyhow!(
-            "{} is not a ferry mount (it is {} from {})",
-            resolved.display(),
-            entry.fstype,
-            entry.source
-        )
-    })?;
-    let socket = state.join(control::SOCKET_NAME);
-    let stream = control::connect(&socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => anyhow!(
-            "the ferry mount at {} does not answer: it has no control socket {} (a mount started by an older ferry, or stopping); remount it, or unmount it and push with --state {} --source SOURCE",
-            resolved.display(),
-            socket.display(),
-            state.display()
-        ),
-        std::io::ErrorKind::ConnectionRefused => anyhow!(
-            "the ferry mount at {} does not answer on {} (its process is gone: run `ferry umount {}`)",
-            resolved.display(),
-            socket.display(),
-            resolved.display()
-        ),
-        _ => anyhow!(e).context(format!(
-            "connecting to the ferry mount at {} ({})",
-            resolved.display(),
-            socket.display()
-        )),
-    })?;
+    let mount = MountControl::find(mountpoint)?;
+    let keep = match &destination {
+        Destination::Ssh { host, path } if args.keep_connection > 0 => Some(Keep {
+            // Another ssh command or remote ferry is another connection.
+            key: format!(
+                "{host}:{path} (ssh command {:?}, ferry {:?})",
+                args.ssh_command, args.ferry_path
+            ),
+            seconds: args.keep_connection,
+        }),
+        _ => None,
+    };
+    if let Some(keep) = &keep {
+        let request = Request::PushTo {
+            target: TargetSpec::Kept {
+                key: keep.key.clone(),
+            },
+            options: options.clone(),
+        };
+        match control::request_push(mount.connect()?, &request, &[], progress) {
+            Err(e) if e.is::<control::NotKept>() => {}
+            pushed => return pushed,
+        }
+    }
+    let opened = Opened::open(destination, args)?;
+    let pushed = through_mount(&mount, opened, ssh, keep.clone(), options, progress);
+    if pushed.is_ok()
+        && keep.is_some()
+        && let Some(process) = ssh.take()
+    {
+        process.leave();
+    }
+    pushed
+}
+
+/// A live mount's control socket.
+struct MountControl {
+    mountpoint: PathBuf,
+    state: PathBuf,
+    socket: PathBuf,
+}
+
+impl MountControl {
+    /// The control socket of the ferry mount at `mountpoint`.
+    fn find(mountpoint: &Path) -> anyhow::Result<MountControl> {
+        let resolved = mounts::resolve(mountpoint)
+            .with_context(|| format!("MOUNTPOINT {}", mountpoint.display()))?;
+        let entry = mounts::at(&resolved)?.ok_or_else(|| {
+            anyhow!(
+                "{} is not mounted (push from an unmounted journal with --state DIR --source SOURCE)",
+                resolved.display()
+            )
+        })?;
+        let state = entry.ferry_state().ok_or_else(|| {
+            anyhow!(
+                "{} is not a ferry mount (it is {} from {})",
+                resolved.display(),
+                entry.fstype,
+                entry.source
+            )
+        })?;
+        Ok(MountControl {
+            socket: state.join(control::SOCKET_NAME),
+            mountpoint: resolved,
+            state,
+        })
+    }
+
+    /// A new connection to it (one per request).
+    fn connect(&self) -> anyhow::Result<std::os::unix::net::UnixStream> {
+        let (mountpoint, socket) = (self.mountpoint.display(), self.socket.display());
+        control::connect(&self.socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow!(
+                "the ferry mount at {mountpoint} does not answer: it has no control socket {socket} (a mount started by an older ferry, or stopping); remount it, or unmount it and push with --state {} --source SOURCE",
+                self.state.display()
+            ),
+            std::io::ErrorKind::ConnectionRefused => anyhow!(
+                "the ferry mount at {mountpoint} does not answer on {socket} (its process is gone: run `ferry umount {mountpoint}`)"
+            ),
+            _ => anyhow!(e).context(format!(
+                "connecting to the ferry mount at {mountpoint} ({socket})"
+            )),
+        })
+    }
+}
+
+/// Asks the mount process to push to `opened`.
+fn through_mount(
+    mount: &MountControl,
+    opened: Opened,
+    ssh: &mut Option<SshProcess>,
+    keep: Option<Keep>,
+    options: &PushOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<Value> {
+    let stream = mount.connect()?;
     let options = options.clone();
     match opened {
         Opened::Local(replica) => {
@@ -322,6 +388,7 @@ fn through_mount(
                     name,
                     replica,
                     keys,
+                    keep,
                 },
                 options,
             };
@@ -341,7 +408,7 @@ fn offline(
     state: &Path,
     source: &Path,
     opened: Opened,
-    ssh: &mut Option<std::process::Child>,
+    ssh: &mut Option<SshProcess>,
     options: &PushOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<PushReport> {

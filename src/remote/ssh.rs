@@ -3,7 +3,10 @@
 //! on the terminal and prints its own errors on stderr; ferry speaks the
 //! protocol over the child's stdin and stdout.
 
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
 
 use anyhow::{Context, bail};
 
@@ -76,13 +79,46 @@ pub fn shell_quote(word: &str) -> String {
 
 /// A running `ssh HOST ferry receive PATH`.
 pub struct SshReceiver {
-    pub child: Child,
-    pub stdin: ChildStdin,
-    pub stdout: ChildStdout,
+    pub process: SshProcess,
+    /// Our end of ssh's stdin.
+    pub to_ssh: UnixStream,
+    /// Our end of ssh's stdout.
+    pub from_ssh: UnixStream,
 }
 
-/// Starts `ssh_command host ferry_path receive path` (ssh's stderr goes to
-/// ours).
+/// The ssh process, and the thread that copies its stderr to ours until
+/// ssh closes it.
+pub struct SshProcess {
+    child: Child,
+    stderr: JoinHandle<()>,
+}
+
+impl SshProcess {
+    /// Waits for ssh to end (once the stream is closed it does) and for its
+    /// last messages to be copied.
+    pub fn wait(mut self) -> std::io::Result<ExitStatus> {
+        let status = self.child.wait();
+        let _ = self.stderr.join();
+        status
+    }
+
+    /// Leaves ssh running: a live mount keeps its connection for the next
+    /// push. Once this process is gone, ssh is reaped by init.
+    pub fn leave(self) {}
+}
+
+/// Starts `ssh_command host ferry_path receive path`.
+///
+/// ssh's stderr reaches ours through a pipe and a thread, not directly: a
+/// connection a live mount keeps after the push outlives this process, and
+/// an ssh holding our stderr would keep whoever reads it (a script's
+/// `$(...)`, a test) waiting until the connection closes.
+///
+/// ssh's stdin and stdout are socket pairs, not pipes, as rsync gives them:
+/// a pipe wakes its writer for every page ssh reads (ssh reads 16 KiB at a
+/// time), so a seed through a pipe spends its time switching between the
+/// sender and ssh; a socket's writer sleeps until most of its buffer has
+/// drained.
 pub fn spawn(
     ssh_command: &str,
     host: &str,
@@ -95,21 +131,28 @@ pub fn spawn(
     }
     let program = words.remove(0);
     let remote = format!("{} receive {}", shell_quote(ferry_path), shell_quote(path));
+    let (to_ssh, ssh_stdin) = UnixStream::pair().context("making a socket pair for ssh")?;
+    let (from_ssh, ssh_stdout) = UnixStream::pair().context("making a socket pair for ssh")?;
     let mut child = Command::new(&program)
         .args(&words)
         .arg(host)
         .arg(remote)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stdin(Stdio::from(OwnedFd::from(ssh_stdin)))
+        .stdout(Stdio::from(OwnedFd::from(ssh_stdout)))
+        .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {program}"))?;
-    let stdin = child.stdin.take().expect("piped");
-    let stdout = child.stdout.take().expect("piped");
+    let mut from_stderr = child.stderr.take().expect("piped");
+    let stderr = std::thread::Builder::new()
+        .name("ssh-stderr".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut from_stderr, &mut std::io::stderr());
+        })
+        .context("starting a thread for ssh's messages")?;
     Ok(SshReceiver {
-        child,
-        stdin,
-        stdout,
+        process: SshProcess { child, stderr },
+        to_ssh,
+        from_ssh,
     })
 }
 

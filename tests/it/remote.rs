@@ -192,6 +192,93 @@ fn pushes_over_ssh_converge_with_renames_ranges_and_deltas() {
     pair.converged().unwrap();
 }
 
+/// An "ssh" that notes each start (its pid, one line per connection in
+/// `starts`) and then becomes `ssh` with `args`.
+fn counting_ssh(dir: &Path, sshd: &Sshd) -> (String, PathBuf) {
+    let starts = dir.join("ssh-starts");
+    let script = dir.join("counting-ssh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho $$ >> {}\nexec {} \"$@\"\n",
+            starts.display(),
+            sshd.command()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (script.display().to_string(), starts)
+}
+
+fn starts(file: &Path) -> Vec<i32> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_live_mount_keeps_its_ssh_connection_for_the_next_push() {
+    let sshd = Sshd::start();
+    let pair = Pair::new(fill_many);
+    let tmp = tempfile::tempdir().unwrap();
+    let (ssh, started) = counting_ssh(tmp.path(), &sshd);
+    let dest = format!("root@127.0.0.1:{}", pair.replica.display());
+    let push = |extra: &[&str]| {
+        let mut args = vec!["--ssh-command", ssh.as_str(), "--ferry-path"];
+        let bin = ferry_bin().display().to_string();
+        args.push(&bin);
+        args.extend(extra);
+        pair.push_to(
+            OsStr::new(&dest),
+            &args.iter().map(OsStr::new).collect::<Vec<_>>(),
+        )
+    };
+    let reused = |v: &Value| v["reused_connection"].as_bool().unwrap();
+
+    // The seed opens a connection; the mount keeps it (the command has
+    // returned, its output read to the end, while ssh still runs).
+    let seed = push(&[]);
+    assert!(!reused(&seed));
+    assert_eq!(starts(&started).len(), 1);
+    // The next pushes go through it: no new ssh.
+    for round in 1..3 {
+        mutate(&pair.tm.mnt, round);
+        let v = push(&[]);
+        assert!(reused(&v), "round {round}: {v}");
+        pair.converged()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    assert_eq!(
+        starts(&started).len(),
+        1,
+        "a kept connection was not reused"
+    );
+
+    // Its ssh dies: the next push finds the kept connection broken and
+    // opens a new one.
+    let pid = starts(&started)[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    mutate(&pair.tm.mnt, 3);
+    let v = push(&[]);
+    assert!(!reused(&v), "{v}");
+    assert_eq!(starts(&started).len(), 2);
+    pair.converged().unwrap();
+
+    // --keep-connection 0: a new connection each time, closed at the end.
+    for round in 4..6 {
+        mutate(&pair.tm.mnt, round);
+        assert!(!reused(&push(&["--keep-connection", "0"])));
+    }
+    assert_eq!(starts(&started).len(), 4);
+    pair.converged().unwrap();
+}
+
 #[test]
 fn a_receiver_that_cannot_be_reached_or_is_not_ferry_is_reported() {
     let pair = Pair::new(|s| std::fs::write(s.join("f"), b"x").unwrap());

@@ -63,6 +63,10 @@ pub struct PushReport {
     /// before its commit, and not sent again; and their bytes.
     pub resumed_files: u64,
     pub resumed_bytes: u64,
+    /// The push went through a connection an earlier push kept open (no
+    /// new ssh connection was made).
+    #[serde(default)]
+    pub reused_connection: bool,
     /// The batch file written (`--batch-dir`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_file: Option<String>,

@@ -53,15 +53,26 @@ impl<R: Read, W: Write> Connection<R, W> {
                 String::from_utf8_lossy(&seen)
             )));
         }
+        let ready = conn.hello(replica)?;
+        Ok((conn, ready))
+    }
+
+    /// Starts another session on a connection [`release`](Self::release)d
+    /// by an earlier push: asks for `replica` and reads its `Ready`.
+    pub fn reopen(&mut self, replica: &str) -> Result<Ready, RemoteError> {
+        self.hello(replica)
+    }
+
+    fn hello(&mut self, replica: &str) -> Result<Ready, RemoteError> {
         message::send(
-            &mut conn.w,
+            &mut self.w,
             &ToReceiver::Hello {
                 protocol: PROTOCOL,
                 replica: replica.to_string(),
             },
         )
         .map_err(RemoteError::io("sending Hello"))?;
-        match conn.reply("waiting for Ready")? {
+        match self.reply("waiting for Ready")? {
             ToSender::Ready { kept, .. } if kept.len() > MAX_KEPT => {
                 Err(RemoteError::Protocol(format!(
                     "the receiver lists {} kept files, more than the {MAX_KEPT} allowed",
@@ -72,14 +83,11 @@ impl<R: Read, W: Write> Connection<R, W> {
                 applied,
                 kept,
                 partial,
-            } => Ok((
-                conn,
-                Ready {
-                    applied,
-                    kept: kept.into_iter().collect(),
-                    partial,
-                },
-            )),
+            } => Ok(Ready {
+                applied,
+                kept: kept.into_iter().collect(),
+                partial,
+            }),
             ToSender::Refused { message } => Err(RemoteError::Refused(message)),
             other => Err(RemoteError::Protocol(format!(
                 "expected Ready, got {}",
@@ -117,6 +125,21 @@ impl<R: Read, W: Write> Connection<R, W> {
         message::send(&mut self.w, &ToReceiver::Done).map_err(RemoteError::io("sending Done"))
     }
 
+    /// Tells the receiver the sender is done for now: it unlocks the
+    /// replica and waits for a [`reopen`](Self::reopen) (or for the stream
+    /// to end).
+    pub fn release(&mut self) -> Result<(), RemoteError> {
+        message::send(&mut self.w, &ToReceiver::Release)
+            .map_err(RemoteError::io("sending Release"))?;
+        match self.reply("waiting for Released")? {
+            ToSender::Released => Ok(()),
+            other => Err(RemoteError::Protocol(format!(
+                "expected Released, got {}",
+                describe(&other)
+            ))),
+        }
+    }
+
     fn reply(&mut self, what: &'static str) -> Result<ToSender, RemoteError> {
         message::receive(&mut self.r)
             .map_err(RemoteError::io(what))?
@@ -133,5 +156,6 @@ fn describe(m: &ToSender) -> &'static str {
         ToSender::Refused { .. } => "Refused",
         ToSender::Applied(_) => "Applied",
         ToSender::Failed { .. } => "Failed",
+        ToSender::Released => "Released",
     }
 }

@@ -203,6 +203,7 @@ enum Answer {
     Failed,
     /// `Failed` with `base_mismatch` naming this op.
     BaseMismatch(u64),
+    Released,
 }
 
 fn answer(m: &ToSender) -> Answer {
@@ -216,6 +217,7 @@ fn answer(m: &ToSender) -> Answer {
             ..
         } => Answer::BaseMismatch(*i),
         ToSender::Failed { .. } => Answer::Failed,
+        ToSender::Released => Answer::Released,
     }
 }
 

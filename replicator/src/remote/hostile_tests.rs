@@ -232,7 +232,7 @@ fn serve<R: Read + Send + 'static>(
         let w = theirs.try_clone().unwrap();
         receive(input(theirs), w, move |name| {
             if name.is_empty() {
-                Ok(replica)
+                Ok(replica.clone())
             } else {
                 Err(format!("no replica {name}"))
             }

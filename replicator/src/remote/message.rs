@@ -17,7 +17,8 @@ use crate::batch::Hash;
 pub const GREETING: [u8; 8] = *b"FERRYRX\n";
 
 /// The protocol version this code speaks (and the only one it accepts).
-pub const PROTOCOL: u32 = 1;
+/// 2: `Release`, and a `Hello` again after it.
+pub const PROTOCOL: u32 = 2;
 
 /// Largest message payload.
 pub const MAX_MESSAGE: u32 = 16 << 20;
@@ -39,6 +40,11 @@ pub enum ToReceiver {
     Batch,
     /// The sender is done; the receiver closes.
     Done,
+    /// The sender is done for now but keeps the connection for a later
+    /// push: the receiver unlocks the replica, answers `Released`, and
+    /// waits for the next `Hello` (or for the stream to end, which then
+    /// ends it cleanly).
+    Release,
 }
 
 /// Receiver to sender.
@@ -66,6 +72,8 @@ pub enum ToSender {
         message: String,
         base_mismatch: Option<u64>,
     },
+    /// The answer to `Release`: the replica is unlocked.
+    Released,
 }
 
 /// Writes one message and flushes.

@@ -45,7 +45,7 @@ fn serve(replica: &Path) -> (UnixStream, JoinHandle<Result<Received, RemoteError
         let w = theirs.try_clone().unwrap();
         receive(theirs, w, move |name| {
             if name.is_empty() {
-                Ok(replica)
+                Ok(replica.clone())
             } else {
                 Err(format!("no replica {name}"))
             }
@@ -354,6 +354,53 @@ fn two_connections_to_one_replica_take_turns() {
     let (conn, handle) = second.join().unwrap();
     conn.close().unwrap();
     handle.join().unwrap().unwrap();
+}
+
+/// Whether the replica's lock is free right now (no session holds it).
+fn lock_is_free(replica: &Path) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = crate::apply::state_dir(replica).unwrap().join("lock");
+    let file = std::fs::File::open(path).unwrap();
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok()
+}
+
+#[test]
+fn a_released_connection_unlocks_the_replica_and_opens_again() {
+    let d = dirs();
+    let (mut kept, ready, handle) = connect(&d.replica);
+    assert_eq!(ready.applied, None);
+    let ToSender::Applied(_) = send_batch(&mut kept, 0, 5, &[create("a", b"first")]) else {
+        panic!("the first batch was not applied");
+    };
+    assert!(
+        !lock_is_free(&d.replica),
+        "a session did not lock the replica"
+    );
+    kept.release().unwrap();
+    assert!(lock_is_free(&d.replica), "Release left the replica locked");
+    let (mut other, ready, other_handle) = connect(&d.replica);
+    assert_eq!(ready.applied.map(|a| a.seq), Some(5));
+    let ToSender::Applied(_) = send_batch(&mut other, 5, 7, &[create("b", b"other")]) else {
+        panic!("the other connection's batch was not applied");
+    };
+    other.close().unwrap();
+    other_handle.join().unwrap().unwrap();
+
+    // The kept connection opens again and sees what the other one did.
+    let ready = kept.reopen("").unwrap();
+    assert_eq!(ready.applied.map(|a| a.seq), Some(7));
+    let ToSender::Applied(_) = send_batch(&mut kept, 7, 9, &[create("c", b"again")]) else {
+        panic!("a batch on the reopened connection was not applied");
+    };
+    kept.release().unwrap();
+    // A released connection that simply ends is a clean end.
+    drop(kept);
+    let received = handle.join().unwrap().unwrap();
+    assert_eq!((received.applied, received.seq), (2, 9));
+    assert!(lock_is_free(&d.replica));
+    for (name, data) in [("a", "first"), ("b", "other"), ("c", "again")] {
+        assert_eq!(std::fs::read_to_string(d.replica.join(name)).unwrap(), data);
+    }
 }
 
 #[test]
