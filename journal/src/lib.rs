@@ -39,7 +39,7 @@ mod tests;
 
 pub use changeset::{
     Changeset, ContentChange, Edge, FileChange, MetadataChange, Namespace, NsStep, PlanError,
-    TEMP_PREFIX, merge_ranges,
+    Rewound, TEMP_PREFIX, Undo, merge_ranges,
 };
 pub use error::JournalError;
 pub use id::{FileId, FileKind, InodeKey, Seq};

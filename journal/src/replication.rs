@@ -53,7 +53,9 @@ impl History {
 
 /// What a push from `before.seq()` to `to` works from.
 pub struct Pending {
-    /// The tree at the replica's sequence number.
+    /// The tree at the replica's sequence number. A push advances it in
+    /// place to the tree at `to` ([`Namespace::advance`]) and hands that to
+    /// [`Journal::remember`].
     pub before: Namespace,
     /// The records in `(before.seq(), to]`, in order.
     pub records: Vec<Record>,

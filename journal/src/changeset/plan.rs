@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
-use super::{Changeset, Edge, Namespace, under};
+use super::{Changeset, Edge, Namespace, Rewound, under};
 use crate::id::{FileId, FileKind};
 use crate::record::Name;
 
@@ -95,16 +95,19 @@ impl Changeset {
     /// The namespace operations that turn the tree at `from` into the tree at
     /// `to`, in an order in which applying them one by one is always valid.
     ///
-    /// `before` and `after` are the namespaces at `self.from` and `self.to`.
-    /// Only files in `self.files` are considered: every other file keeps its
-    /// names. Content and metadata are not part of the plan.
-    pub fn namespace_plan(
+    /// `before` and `after` are the trees at `self.from` and `self.to`:
+    /// `before` a [`Namespace`], or `after` rewound
+    /// ([`Namespace::advance`], [`Namespace::rewound`]) so that no copy of
+    /// the tree is needed. Only files in `self.files` are considered: every
+    /// other file keeps its names. Content and metadata are not part of the
+    /// plan.
+    pub fn namespace_plan<'a>(
         &self,
-        before: &Namespace,
-        after: &Namespace,
+        before: impl Into<Rewound<'a>>,
+        after: &'a Namespace,
     ) -> Result<Vec<NsStep>, PlanError> {
         let mut w = Work {
-            before,
+            before: before.into(),
             after,
             names: HashMap::new(),
             edges: BTreeMap::new(),
@@ -162,7 +165,7 @@ enum Target {
 }
 
 struct Work<'a> {
-    before: &'a Namespace,
+    before: Rewound<'a>,
     after: &'a Namespace,
     /// Current names of the files renamed so far; others have their names in
     /// `before`.
@@ -183,7 +186,7 @@ impl Work<'_> {
     fn at(&self, edge: &Edge) -> Option<FileId> {
         match self.edges.get(edge) {
             Some(holder) => *holder,
-            None => self.before.entries.get(edge).copied(),
+            None => self.before.at(edge),
         }
     }
 

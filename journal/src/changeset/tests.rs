@@ -7,7 +7,9 @@
 //! tree, becomes a record, and the namespace built by the table's `apply` must
 //! keep matching the tree. `check` then computes the changeset between two
 //! cut points and replays its plan, step by step, on the tree at `from`: the
-//! result must be exactly the tree at `to`, hard links included.
+//! result must be exactly the tree at `to`, hard links included. The tree at
+//! `from` advanced in place (`check_rewound`) must be the tree at `to`, and
+//! rewound, the tree at `from`; the plan made from it must be the same.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -538,6 +540,14 @@ fn check_range(s: &Script, from: Seq, to: Seq) -> (Changeset, Vec<NsStep>) {
     let steps = cs
         .namespace_plan(&before, &after)
         .unwrap_or_else(|e| panic!("plan: {e}\nchangeset: {cs:#?}"));
+    // As a push makes it: from the tree at `to` made in place, rewound.
+    let (advanced, undo) = check_rewound(s, from, to);
+    assert_eq!(
+        cs.namespace_plan(advanced.rewound(&undo), &advanced)
+            .as_ref(),
+        Ok(&steps),
+        "the plan through the undo differs"
+    );
     let mut tree = Tree::of(&before);
     for (i, step) in steps.iter().enumerate() {
         if let Err(e) = tree.apply(step) {
@@ -574,6 +584,78 @@ fn check_range(s: &Script, from: Seq, to: Seq) -> (Changeset, Vec<NsStep>) {
     );
     assert!(temps <= changed.len(), "{temps} temporaries: {steps:#?}");
     (cs, steps)
+}
+
+/// Advances the tree at `from` to `to` in place and checks that it is the
+/// tree a full replay to `to` gives, and that, rewound, it answers as the
+/// tree a full replay to `from` gives, for every file and name: those the
+/// records touched (from the undo) and the others (from the tree at `to`).
+fn check_rewound(s: &Script, from: Seq, to: Seq) -> (Namespace, Undo) {
+    let before = Namespace::replay(&s.records, from);
+    let after = Namespace::replay(&s.records, to);
+    let range: Vec<&Record> = s.records.iter().filter(|r| r.seq <= to).collect();
+    let mut ns = Namespace::replay(&s.records, from);
+    let undo = ns.advance(range.iter().copied());
+
+    let mut ids: BTreeSet<FileId> = before
+        .table
+        .entries()
+        .chain(after.table.entries())
+        .map(|(id, _)| id)
+        .collect();
+    // One no tree knows, and the next one to be handed out.
+    ids.extend([FileId(u64::MAX - 1), FileId(after.table.next_id())]);
+    let mut edges: BTreeSet<Edge> = before
+        .edges()
+        .chain(after.edges())
+        .map(|(e, _)| e.clone())
+        .collect();
+    edges.extend(undo.edges.keys().cloned());
+
+    assert_eq!(ns.seq(), after.seq());
+    assert_eq!(ns.len(), after.len());
+    for id in &ids {
+        assert_eq!(ns.table.get(*id), after.table.get(*id), "{id} advanced");
+    }
+    assert!(
+        ns.edges().eq(after.edges()),
+        "edges advanced: {:?} != {:?}",
+        ns.edges().collect::<Vec<_>>(),
+        after.edges().collect::<Vec<_>>()
+    );
+
+    // The undo holds the files the records name, no more.
+    let named: BTreeSet<FileId> = range
+        .iter()
+        .filter(|r| r.seq > from)
+        .flat_map(|r| crate::table::touched(&r.op))
+        .collect();
+    assert_eq!(undo.files.keys().copied().collect::<BTreeSet<_>>(), named);
+
+    let then = ns.rewound(&undo);
+    assert_eq!(then.seq(), before.seq());
+    for id in &ids {
+        let id = *id;
+        assert_eq!(then.contains(id), before.contains(id), "{id} exists");
+        assert_eq!(then.kind(id), before.kind(id), "kind of {id}");
+        assert_eq!(then.names(id), before.names(id), "names of {id}");
+        if before.kind(id) == Some(FileKind::Dir) || after.kind(id) == Some(FileKind::Dir) {
+            assert!(
+                then.children(id).eq(before.children(id)),
+                "children of {id}: {:?} != {:?}",
+                then.children(id).collect::<Vec<_>>(),
+                before.children(id).collect::<Vec<_>>()
+            );
+        }
+    }
+    for (parent, name) in &edges {
+        assert_eq!(
+            then.lookup(*parent, name),
+            before.lookup(*parent, name),
+            "{parent}/{name:?}"
+        );
+    }
+    (ns, undo)
 }
 
 fn check(s: &Script, from: Seq) -> (Changeset, Vec<NsStep>) {
@@ -1031,6 +1113,28 @@ fn moving_a_big_directory_is_one_rename_whatever_the_tree() {
 }
 
 #[test]
+fn advancing_in_place_notes_only_what_the_records_touch() {
+    let mut s = Script::new();
+    s.cross_check = false;
+    for d in 0..20 {
+        s.mkdir(&format!("d{d}"));
+        for f in 0..50 {
+            s.touch(&format!("d{d}/f{f}"));
+        }
+    }
+    let from = s.seq();
+    s.mv("d7", "d3/moved");
+    s.write("d3/moved/f9", 4096, 4096);
+    s.touch("d3/new");
+    s.rm("d1/f1");
+    let (_, undo) = check_rewound(&s, from, s.seq());
+    // d7, f9, new, f1; d7's name before and after, and the others' names.
+    assert_eq!(undo.files.len(), 4);
+    assert_eq!(undo.edges.len(), 5);
+    assert_eq!(undo.from, from);
+}
+
+#[test]
 fn rename_over_an_existing_file_replaces_it() {
     let mut s = Script::new();
     let a = s.touch("a");
@@ -1408,6 +1512,23 @@ proptest! {
         let n = s.records.len() as u64;
         let (lo, hi) = (cuts.0.min(cuts.1), cuts.0.max(cuts.1));
         check_range(&s, Seq(n * lo / 100), Seq(n * hi / 100));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// Longer sequences than the plan test, each cut at several ranges.
+    #[test]
+    fn advanced_is_the_tree_at_to_and_rewound_the_tree_at_from(
+        ops in proptest::collection::vec(gen_op(), 1..120),
+        cuts in proptest::collection::vec((0..=100u64, 0..=100u64), 4),
+    ) {
+        let s = Script::run(&ops);
+        let n = s.records.len() as u64;
+        for (a, b) in cuts {
+            check_rewound(&s, Seq(n * a.min(b) / 100), Seq(n * a.max(b) / 100));
+        }
     }
 }
 

@@ -165,7 +165,7 @@ fn push_to(
     }
     journal.durable(to)?;
 
-    let pending = journal.pending(from, to)?;
+    let mut pending = journal.pending(from, to)?;
     tracing::debug!(
         ms = started.elapsed().as_millis(),
         records = pending.records.len(),
@@ -179,12 +179,13 @@ fn push_to(
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
     }
-    let mut after = pending.before.clone();
-    for r in &pending.records {
-        after.apply(r);
-    }
+    // The tree at `from` becomes the tree at `to` in place; the planner sees
+    // the tree at `from` through what the records replaced. No copy of the
+    // tree: a push costs what changed.
+    let mut after = std::mem::take(&mut pending.before);
+    let undo = after.advance(&pending.records);
     let steps = changes
-        .namespace_plan(&pending.before, &after)
+        .namespace_plan(after.rewound(&undo), &after)
         .map_err(|e| PushError::Other(format!("planning the namespace changes: {e}")))?;
     let cache = load_cache(journal, &changes, &steps)?;
     tracing::debug!(
