@@ -23,7 +23,7 @@
 //!   through something the filesystem refused, and the replica is left
 //!   half-committed.
 //!
-//! **Resealing.** Every frame of a batch carries a BLAKE3 check and the
+//! **Resealing.** Every frame of a batch carries a check and the
 //! trailer a hash of the whole batch, so almost every mutation of a real
 //! batch would be refused by the decoder before the applier sees it (the
 //! decoder itself is `batch_decode`'s to fuzz). The target therefore walks

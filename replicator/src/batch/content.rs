@@ -5,6 +5,11 @@
 //! pieces of at most [`PIECE`] bytes and refused as soon as it produces more
 //! than the length it declares (a "zstd bomb"), or at its end if it
 //! produced less.
+//!
+//! Encoding compresses a piece only where that pays, and keeps a
+//! per-thread account of what compression saved lately: when it stops
+//! saving (a tree of media or archives), pieces go out raw for a while
+//! without zstd looking at them.
 
 use std::io::{self, Read};
 
@@ -167,34 +172,15 @@ fn compress(data: &[u8]) -> Option<Vec<u8>> {
     if data.len() < MIN_COMPRESS || data.len() as u64 > MAX_CHUNK_LEN {
         return None;
     }
-    // Data that does not compress (media, archives, encrypted files: most
-    // large files) costs zstd as much CPU as data that does: a sample at
-    // the start decides for a large piece.
-    if data.len() > 4 * PROBE {
-        let sample = zstd_compress(&data[..PROBE])?;
-        if !pays(PROBE, sample.len()) {
-            return None;
-        }
-    }
-    let c = zstd_compress(data)?;
-    pays(data.len(), c.len()).then_some(c)
+    COMPRESSION.with(|c| c.borrow_mut().compress(data))
 }
 
-/// zstd at `ZSTD_LEVEL` with a context kept per thread: a seed compresses
-/// (or tries to) every small file, and a new context each time costs more
-/// than compressing a few kilobytes.
-fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
-    thread_local! {
-        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-            const { std::cell::RefCell::new(None) };
-    }
-    COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.is_none() {
-            *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()?);
-        }
-        c.as_mut()?.compress(data).ok()
-    })
+thread_local! {
+    /// One per thread: a push plans (and compresses) on one thread, and a
+    /// new zstd context per piece costs more than compressing a few
+    /// kilobytes.
+    static COMPRESSION: std::cell::RefCell<Compression> =
+        const { std::cell::RefCell::new(Compression::new()) };
 }
 
 /// Bytes of a large piece compressed to decide whether the rest is worth
@@ -207,6 +193,111 @@ fn pays(len: usize, compressed: usize) -> bool {
     compressed <= len - len / 16
 }
 
+/// Bytes of pieces compression was tried on (a probed piece counts whole)
+/// before the account judges whether it is paying: a hundred or more small
+/// files, or one large piece, so one odd file does not decide; and little
+/// enough that finding out costs at most 1 MiB of zstd.
+const ACCOUNT_WINDOW: u64 = 1 << 20;
+
+/// Compression that saved less than this share of a window's bytes, in
+/// percent, is not worth its CPU. zstd (level 3) spends about 1.2 ms per
+/// MiB of data it cannot shrink (8 KiB pieces, one core of a 2-CPU Xeon);
+/// 3% of a MiB is 31 KB, which takes that long to send only on a link
+/// slower than about 25 MB/s, while a seed over ssh on a faster one is
+/// CPU-bound (sender, ssh, sshd and receiver share the CPUs).
+const MIN_SAVING_PERCENT: u64 = 3;
+
+/// Bytes of pieces sent raw, without trying zstd, after a window that did
+/// not pay; then the account tries again. zstd then looks at one byte in
+/// nine of a tree that does not compress (less where large pieces are
+/// probed), and a tree that turns compressible (text after media) is
+/// compressed again within this much.
+const PAUSE: u64 = 8 << 20;
+
+/// A thread's zstd context and its account of what compression has been
+/// saving lately. The decision depends only on the pieces this thread
+/// compressed before (no clock), so the same pieces in the same order
+/// encode the same.
+struct Compression {
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Bytes of the pieces tried in the current window.
+    tried: u64,
+    /// How many bytes smaller than those pieces their encoding is (0 for a
+    /// piece that went out raw).
+    saved: u64,
+    /// Bytes of pieces still to send raw without trying.
+    pause: u64,
+    /// Pieces sent raw without trying (for tests).
+    #[cfg(test)]
+    skipped: u64,
+}
+
+impl Compression {
+    const fn new() -> Compression {
+        Compression {
+            zstd: None,
+            tried: 0,
+            saved: 0,
+            pause: 0,
+            #[cfg(test)]
+            skipped: 0,
+        }
+    }
+
+    /// `data` compressed, if compression is paying lately and pays for it.
+    fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        let len = data.len() as u64;
+        if self.pause > 0 {
+            self.pause = self.pause.saturating_sub(len);
+            #[cfg(test)]
+            {
+                self.skipped += 1;
+            }
+            return None;
+        }
+        let c = self.try_compress(data);
+        self.tried += len;
+        self.saved += c.as_ref().map_or(0, |c| len - c.len() as u64);
+        if self.tried >= ACCOUNT_WINDOW {
+            if self.saved * 100 < self.tried * MIN_SAVING_PERCENT {
+                self.pause = PAUSE;
+            }
+            self.tried = 0;
+            self.saved = 0;
+        }
+        c
+    }
+
+    fn try_compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        // Data that does not compress (media, archives, encrypted files:
+        // most large files) costs zstd as much CPU as data that does: a
+        // sample at the start decides for a large piece.
+        if data.len() > 4 * PROBE {
+            let sample = self.zstd(&data[..PROBE])?;
+            if !pays(PROBE, sample.len()) {
+                return None;
+            }
+        }
+        let c = self.zstd(data)?;
+        pays(data.len(), c.len()).then_some(c)
+    }
+
+    /// zstd at `ZSTD_LEVEL`.
+    fn zstd(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        if self.zstd.is_none() {
+            self.zstd = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()?);
+        }
+        self.zstd.as_mut()?.compress(data).ok()
+    }
+}
+
+/// Pieces this thread has sent raw without trying zstd, because recent
+/// compression did not pay.
+#[cfg(test)]
+pub(super) fn skipped_pieces() -> u64 {
+    COMPRESSION.with(|c| c.borrow().skipped)
+}
+
 impl Chunk {
     fn view(&self) -> ChunkRef<'_> {
         match self {
@@ -217,7 +308,9 @@ impl Chunk {
 
     /// `data` compressed with zstd if that makes it noticeably smaller,
     /// else as is. `data` longer than [`MAX_CHUNK_LEN`] is never
-    /// compressed (and a writer refuses it: split it).
+    /// compressed (and a writer refuses it: split it). After a run of
+    /// pieces that compression did not shrink, this thread sends the next
+    /// 8 MiB of pieces raw without trying.
     pub fn compress_if_it_pays(data: &[u8]) -> Chunk {
         match compress(data) {
             Some(bytes) => Chunk::Zstd {
@@ -278,7 +371,8 @@ impl Chunk {
 
 impl Content {
     /// `data` as one chunk, zstd-compressed if that makes it noticeably
-    /// smaller.
+    /// smaller and compression has been paying lately, as for
+    /// [`Chunk::compress_if_it_pays`].
     pub fn compress_if_it_pays(data: &[u8]) -> Content {
         match compress(data) {
             Some(bytes) => Content::Zstd {

@@ -51,7 +51,9 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"FERRYBT\n";
 
 /// The format version this code writes and the only one it reads.
-pub const VERSION: u32 = 2;
+/// Version 3 checks each frame with XXH3-64 where version 2 used BLAKE3;
+/// version 1 carried `result` in `BeginFile`, not `EndFile`.
+pub const VERSION: u32 = 3;
 
 /// The `replica_id` of a batch made for any fresh replica.
 pub const ANY_REPLICA: [u8; 16] = [0; 16];

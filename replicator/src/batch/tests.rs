@@ -988,6 +988,19 @@ fn batch_frame_and_preamble_errors() {
         error_of(&other).kind,
         BatchErrorKind::UnsupportedVersion(1)
     ));
+    // Version 2 checked frames with BLAKE3: it is refused for its version,
+    // before any frame check could fail.
+    other[8] = 2;
+    let err = error_of(&other);
+    assert!(
+        matches!(err.kind, BatchErrorKind::UnsupportedVersion(2)),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("unsupported batch format version 2 (this ferry reads version 3)"),
+        "{err}"
+    );
 
     // An unknown frame kind, and a second header frame (each correctly
     // checksummed).
@@ -997,10 +1010,8 @@ fn batch_frame_and_preamble_errors() {
         let head = [kind, 4, 0, 0, 0];
         bad.extend_from_slice(&head);
         bad.extend_from_slice(&payload);
-        let mut h = blake3::Hasher::new();
-        h.update(&head);
-        h.update(&payload);
-        bad.extend_from_slice(&h.finalize().as_bytes()[..8]);
+        let check = xxhash_rust::xxh3::xxh3_64(&[&head[..], &payload[..]].concat());
+        bad.extend_from_slice(&check.to_le_bytes());
         let err = error_of(&bad);
         assert_eq!(err.offset, header_end as u64, "{err}");
         assert!(
@@ -1029,6 +1040,82 @@ fn batch_frame_and_preamble_errors() {
         r.next_op().unwrap_err().kind,
         BatchErrorKind::Failed
     ));
+}
+
+/// Compression gives up on pieces that do not shrink once a window of
+/// them saved nothing, sends the next pieces raw without trying, and tries
+/// again after the pause; pieces that shrink are compressed, also when
+/// they come mixed with pieces that do not.
+#[test]
+fn batch_compression_pauses_while_it_does_not_pay() {
+    const PIECE: usize = 8 << 10;
+    let is_zstd = |c: &Content| matches!(c, Content::Zstd { .. });
+    // The account is per thread: a fresh one starts empty.
+    std::thread::spawn(move || {
+        let text = text(PIECE);
+        let mut noise = vec![0u8; PIECE];
+        blake3::Hasher::new().finalize_xof().fill(&mut noise);
+        let window = (1 << 20) / PIECE;
+        let pause = (8 << 20) / PIECE;
+
+        // Text alternating with noise saves about half: never paused.
+        for _ in 0..4 * window {
+            assert!(is_zstd(&Content::compress_if_it_pays(&text)));
+            assert_eq!(
+                Content::compress_if_it_pays(&noise),
+                Content::Raw(noise.clone())
+            );
+        }
+        assert_eq!(content::skipped_pieces(), 0);
+
+        // A window of noise alone: each piece is tried, none pays.
+        for _ in 0..window {
+            assert_eq!(
+                Content::compress_if_it_pays(&noise),
+                Content::Raw(noise.clone())
+            );
+        }
+        assert_eq!(content::skipped_pieces(), 0);
+        // The next 8 MiB go out raw untried, text too (and chunks count).
+        for i in 0..pause {
+            let c = if i % 2 == 0 {
+                Content::compress_if_it_pays(&text)
+            } else {
+                match Chunk::compress_if_it_pays(&noise) {
+                    Chunk::Raw(b) => Content::Raw(b),
+                    Chunk::Zstd { .. } => panic!("noise compressed"),
+                }
+            };
+            assert!(!is_zstd(&c), "piece {i} of the pause was compressed");
+        }
+        assert_eq!(content::skipped_pieces(), pause as u64);
+        // Then compression is tried again, and pays for text.
+        for _ in 0..2 * window {
+            assert!(is_zstd(&Content::compress_if_it_pays(&text)));
+        }
+        assert_eq!(content::skipped_pieces(), pause as u64);
+    })
+    .join()
+    .unwrap();
+}
+
+/// The frame check is XXH3-64 (seed 0) of kind ‖ len ‖ payload, stored
+/// little-endian. The expected values come from the reference C library
+/// (libxxhash 0.8.1, `XXH3_64bits`), not from the crate the writer uses.
+#[test]
+fn batch_frame_check_is_xxh3_64_of_kind_len_and_payload() {
+    let short = b"abc".to_vec();
+    let long: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    for (payload, want) in [
+        (short, 0xf12b_f7ea_c6e0_cae0u64),
+        (long, 0x9771_e1d2_e93f_5ef7),
+    ] {
+        let mut out = Vec::new();
+        write_frame(&mut out, None, FrameKind::Op, &payload).unwrap();
+        let len = (payload.len() as u32).to_le_bytes();
+        let head = [2, len[0], len[1], len[2], len[3]];
+        assert_eq!(out, [&head[..], &payload, &want.to_le_bytes()].concat());
+    }
 }
 
 #[test]

@@ -311,15 +311,12 @@ fn varint(mut n: u64, out: &mut Vec<u8>) {
 }
 
 /// A frame whose length field says `len`, whatever the payload's length:
-/// `[kind][len: u32 LE][payload][first 8 bytes of BLAKE3(kind ‖ len ‖
-/// payload)]`.
+/// `[kind][len: u32 LE][payload][XXH3-64(kind ‖ len ‖ payload), LE]`.
 fn frame_claiming(kind: u8, len: u32, payload: &[u8]) -> Vec<u8> {
     let mut head = vec![kind];
     head.extend_from_slice(&len.to_le_bytes());
-    let mut h = blake3::Hasher::new();
-    h.update(&head);
-    h.update(payload);
-    [&head[..], payload, &h.finalize().as_bytes()[..8]].concat()
+    let check = xxhash_rust::xxh3::xxh3_64(&[&head[..], payload].concat());
+    [&head[..], payload, &check.to_le_bytes()].concat()
 }
 
 fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
