@@ -77,6 +77,26 @@ impl Pair {
     }
 }
 
+#[test]
+fn the_progress_bar_ends_with_every_file_and_byte_counted() {
+    let pair = Pair::new(fill_many);
+    let out = ferry([
+        OsStr::new("push"),
+        pair.tm.mnt.as_os_str(),
+        pair.replica.as_os_str(),
+        OsStr::new("--progress"),
+    ]);
+    assert!(out.ok(), "{out:#?}");
+    // fill_many: 18 directories of 30 files, and two large files.
+    let files = 18 * 30 + 2;
+    let last = out.stderr.rsplit('\r').next().unwrap_or_default();
+    assert!(
+        last.contains("100%") && last.contains(&format!("{files}/{files} files")),
+        "the bar ends at {last:?}"
+    );
+    pair.converged().unwrap();
+}
+
 pub(crate) fn u(v: &Value, f: &str) -> u64 {
     v[f].as_u64().unwrap_or_else(|| panic!("{f} in {v}"))
 }
