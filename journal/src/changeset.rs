@@ -19,6 +19,13 @@
 //! what changed; a copy of a tree of 100,000 files costs tens of
 //! milliseconds, and as much again to free.
 //!
+//! A replica's first push starts from the tree holding the root alone, where
+//! the general machinery has nothing to do: every file at `to` is new. There
+//! [`Changeset::compute_and_advance`] folds the records over the tree as it
+//! advances (it is the table that knows every file), and
+//! [`Changeset::namespace_plan`] walks the tree at `to` from the root. Both
+//! cost what the tree at `to` holds, once.
+//!
 //! Invariants of a `Changeset`: a file appears in `files` only if something
 //! about it changed; a file that was created and removed within the range
 //! does not appear at all; a rename chain shows only its two ends.
@@ -28,13 +35,13 @@ mod plan;
 mod tests;
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::id::{FileId, FileKind, Seq};
 use crate::record::{ByteRange, Name, Op, Record};
-use crate::table::{Table, touched};
+use crate::table::{Entry, Table, renamed, touched};
 
 pub use plan::{NsStep, PlanError, TEMP_PREFIX};
 
@@ -92,33 +99,25 @@ impl Namespace {
     pub(crate) fn inventory(&self, seq: Seq) -> Vec<Record> {
         let mut out = Vec::new();
         let mut links = Vec::new();
-        let mut queue = std::collections::VecDeque::from([FileId::ROOT]);
-        while let Some(dir) = queue.pop_front() {
-            for (name, id) in self.children(dir) {
-                let Some(e) = self.table.get(id) else {
-                    continue;
-                };
-                if e.names.first() != Some(&(dir, name.clone())) {
-                    links.push(Op::Link {
-                        id,
-                        parent: dir,
-                        name: name.clone(),
-                        origin: crate::record::Origin::Reconcile,
-                    });
-                    continue;
-                }
-                out.push(Op::Exists {
+        self.walk(|dir, _, name, id, e, first| {
+            let (parent, name) = (dir, name.clone());
+            if !first {
+                links.push(Op::Link {
                     id,
-                    parent: dir,
-                    name: name.clone(),
-                    kind: e.kind,
-                    key: e.key.unwrap_or(crate::id::InodeKey { dev: 0, ino: 0 }),
+                    parent,
+                    name,
+                    origin: crate::record::Origin::Reconcile,
                 });
-                if e.kind == FileKind::Dir {
-                    queue.push_back(id);
-                }
+                return;
             }
-        }
+            out.push(Op::Exists {
+                id,
+                parent,
+                name,
+                kind: e.kind,
+                key: e.key.unwrap_or(crate::id::InodeKey { dev: 0, ino: 0 }),
+            });
+        });
         out.into_iter()
             .chain(links)
             .map(|op| Record {
@@ -127,6 +126,36 @@ impl Namespace {
                 op,
             })
             .collect()
+    }
+
+    /// Visits every name of the tree, breadth-first from the root and in
+    /// name order within a directory: `visit(dir, dir_path, name, id, entry,
+    /// first)`, where `first` says that the name is the file's first (a
+    /// directory's only) name and `dir_path` is the directory's path.
+    ///
+    /// A directory's entries come after its own name, so a walk that makes
+    /// each file at its first name and its further names at the end makes
+    /// every parent before its children: how a tree is made from nothing.
+    fn walk(&self, mut visit: impl FnMut(FileId, &Path, &Name, FileId, &Entry, bool)) {
+        let mut queue = VecDeque::from([(FileId::ROOT, PathBuf::new())]);
+        while let Some((dir, path)) = queue.pop_front() {
+            for (name, id) in self.children(dir) {
+                // The root is nobody's entry; a damaged table must not loop.
+                let Some(e) = self.table.get(id).filter(|_| id != FileId::ROOT) else {
+                    continue;
+                };
+                let first = e.names.first().is_some_and(|(p, n)| *p == dir && n == name);
+                if first && e.kind == FileKind::Dir {
+                    queue.push_back((id, path.join(name.as_os())));
+                }
+                visit(dir, &path, name, id, e, first);
+            }
+        }
+    }
+
+    /// Whether the tree holds the root alone, as [`Namespace::new`] does.
+    fn holds_root_alone(&self) -> bool {
+        self.is_empty() && self.names(FileId::ROOT).is_empty()
     }
 
     /// Applies one record, through the table's `apply`.
@@ -143,17 +172,25 @@ impl Namespace {
     /// the size of the tree.
     pub fn advance<R: Borrow<Record>>(&mut self, records: impl IntoIterator<Item = R>) -> Undo {
         let from = self.seq();
+        let records = records.into_iter().filter(|r| r.borrow().seq > from);
+        if self.holds_root_alone() {
+            // Nothing to note: the tree at `from` is kept whole, for the
+            // price of the root.
+            let base = self.clone();
+            for r in records {
+                self.apply(r.borrow());
+            }
+            return Undo::over_root(base, self.seq());
+        }
         let mut undo = Undo {
             from,
             to: from,
             files: HashMap::new(),
             edges: BTreeMap::new(),
+            base: None,
         };
         for r in records {
-            let r = r.borrow();
-            if r.seq > from {
-                self.apply_noting(r, Some(&mut undo));
-            }
+            self.apply_noting(r.borrow(), Some(&mut undo));
         }
         undo.to = self.seq();
         undo
@@ -165,7 +202,7 @@ impl Namespace {
     pub fn rewound<'a>(&'a self, undo: &'a Undo) -> Rewound<'a> {
         debug_assert_eq!(self.seq(), undo.to, "an undo of another tree");
         Rewound {
-            now: self,
+            now: undo.base.as_ref().unwrap_or(self),
             undo: Some(undo),
         }
     }
@@ -174,12 +211,12 @@ impl Namespace {
     /// change that `undo` does not hold yet (see [`Undo`] for why this is
     /// all that changes).
     fn apply_noting(&mut self, r: &Record, mut undo: Option<&mut Undo>) {
-        let ids: Vec<FileId> = touched(&r.op).collect();
-        for id in &ids {
-            let e = self.table.get(*id);
+        let ids = renamed(&r.op);
+        for id in ids.clone() {
+            let e = self.table.get(id);
             if let Some(u) = undo.as_deref_mut() {
                 u.files
-                    .entry(*id)
+                    .entry(id)
                     .or_insert_with(|| e.map(|e| (e.kind, e.names.clone())));
             }
             let Some(e) = e else { continue };
@@ -188,21 +225,21 @@ impl Namespace {
                 if let Some(u) = undo.as_deref_mut() {
                     u.note_edge(edge, holder);
                 }
-                if holder == Some(*id) {
+                if holder == Some(id) {
                     self.entries.remove(edge);
                 }
             }
         }
         self.table.apply(r);
-        for id in &ids {
-            if let Some(e) = self.table.get(*id) {
+        for id in ids {
+            if let Some(e) = self.table.get(id) {
                 for edge in &e.names {
                     if let Some(u) = undo.as_deref_mut() {
                         // Not removed above unless noted there: what it
                         // holds now is what it held before the record.
                         u.note_edge(edge, self.entries.get(edge).copied());
                     }
-                    self.entries.insert(edge.clone(), *id);
+                    self.entries.insert(edge.clone(), id);
                 }
             }
         }
@@ -273,19 +310,24 @@ impl Namespace {
     }
 }
 
-/// What [`Namespace::advance`] replaced: for every file the records name
-/// (the ids `touched` gives) its kind and names before the first of them, and
-/// for every `(parent, name)` among those files' names before or after any
-/// record, the file it held before the first.
+/// What [`Namespace::advance`] replaced: for every file whose names the
+/// records may change (the ids `table::renamed` gives: those namespace
+/// records name) its kind and names before the first of them, and for every
+/// `(parent, name)` among those files' names before or after any record, the
+/// file it held before the first.
 ///
 /// Invariant: every other file and edge is the same at `from` as at `to`.
 /// It holds because `Namespace::apply` changes kinds and names only of the
-/// files `touched` gives (the table's `apply` touches no other file's names;
+/// files `renamed` gives (the table's `apply` touches no other file's names;
 /// it may clear another file's inode key, which a `Rewound` does not show),
 /// and changes entries only at those files' names before and after the
 /// record; `apply_noting` notes each one before its first change. So
 /// [`Rewound`] answers from here for what is noted and from the tree at `to`
 /// for the rest.
+///
+/// When the tree at `from` held the root alone (a replica's first push),
+/// nothing is noted: the undo keeps that tree itself (`base`), which costs
+/// less than noting every file, and [`Rewound`] answers from it.
 #[derive(Clone, Debug)]
 pub struct Undo {
     from: Seq,
@@ -294,9 +336,25 @@ pub struct Undo {
     files: HashMap<FileId, Option<(FileKind, Vec<Edge>)>>,
     /// Each touched edge's file at `from`; `None`: the name was free.
     edges: BTreeMap<Edge, Option<FileId>>,
+    /// The tree at `from`, when it held the root alone; then `files` and
+    /// `edges` are empty.
+    base: Option<Namespace>,
 }
 
 impl Undo {
+    /// The undo of records applied to `base`, a tree holding the root alone,
+    /// up to `to`.
+    fn over_root(base: Namespace, to: Seq) -> Undo {
+        debug_assert!(base.holds_root_alone());
+        Undo {
+            from: base.seq(),
+            to,
+            files: HashMap::new(),
+            edges: BTreeMap::new(),
+            base: Some(base),
+        }
+    }
+
     /// Keeps the first value seen: the one at `from`.
     fn note_edge(&mut self, edge: &Edge, holder: Option<FileId>) {
         if !self.edges.contains_key(edge) {
@@ -311,6 +369,8 @@ impl Undo {
 /// [`seq`](Self::seq) would.
 #[derive(Clone, Copy, Debug)]
 pub struct Rewound<'a> {
+    /// The tree the undo is read over: the tree at `to`, or the undo's own
+    /// base.
     now: &'a Namespace,
     undo: Option<&'a Undo>,
 }
@@ -328,6 +388,13 @@ impl<'a> Rewound<'a> {
     /// The sequence number of the last record applied.
     pub fn seq(&self) -> Seq {
         self.undo.map_or(self.now.seq(), |u| u.from)
+    }
+
+    /// Whether the tree holds the root alone. Known only of a tree read
+    /// whole (a plain [`Namespace`], or an undo's base); false for a view
+    /// through noted changes, whatever they are.
+    pub(crate) fn holds_root_alone(&self) -> bool {
+        self.undo.is_none_or(|u| u.base.is_some()) && self.now.holds_root_alone()
     }
 
     /// What the undo says of `id`, when the records touched it.
@@ -542,6 +609,214 @@ pub fn merge_ranges(mut ranges: Vec<ByteRange>) -> Vec<ByteRange> {
     out
 }
 
+/// The table the records are applied to while they are folded: the tree at
+/// `to`, as far as the fold needs it.
+enum After<'a> {
+    /// The files the records name (`ids`), from the tree at `from` (only
+    /// those, so that the cost does not grow with the tree); every other
+    /// file keeps its names.
+    Named { table: Table, ids: HashSet<FileId> },
+    /// The whole tree, advanced in place from a tree holding the root alone.
+    Whole(&'a mut Namespace),
+}
+
+impl After<'_> {
+    fn contains(&self, id: FileId) -> bool {
+        match self {
+            After::Named { table, .. } => table.contains(id),
+            After::Whole(tree) => tree.contains(id),
+        }
+    }
+
+    fn apply(&mut self, r: &Record) {
+        match self {
+            After::Named { table, .. } => table.apply(r),
+            After::Whole(tree) => tree.apply(r),
+        }
+    }
+
+    /// The file at `to`; `None` when it is gone (or never was).
+    fn get<'e>(&'e self, id: FileId, before: &'e Namespace) -> Option<&'e Entry> {
+        match self {
+            // A directory that is only the parent of a change keeps its names.
+            After::Named { ids, .. } if !ids.contains(&id) => before.table.get(id),
+            After::Named { table, .. } => table.get(id),
+            After::Whole(tree) => tree.table.get(id),
+        }
+    }
+}
+
+/// The changeset of `records` (those after `before`, in order) over
+/// `before`, the tree at `from`, applying them to `after` as they come.
+fn fold<'r>(
+    before: &Namespace,
+    records: impl IntoIterator<Item = &'r Record>,
+    mut after: After<'_>,
+) -> Changeset {
+    let from = before.seq();
+    let mut to = from;
+    let mut folds: BTreeMap<FileId, Fold> = BTreeMap::new();
+    // Directories whose entries changed: their mtime moved at the source.
+    let mut parents: BTreeSet<FileId> = BTreeSet::new();
+    for r in records {
+        to = to.max(r.seq);
+        let known = r.op.file_id().is_some_and(|id| after.contains(id));
+        // A file new to the replica: created, or found by the inventory
+        // when `from` is before it.
+        let new = matches!(&r.op, Op::Exists { id, .. } | Op::Create { id, .. }
+            if !known && !before.contains(*id));
+        if let (true, Some(id)) = (new, r.op.file_id()) {
+            folds.entry(id).or_default().created = true;
+        }
+        after.apply(r);
+        if !known && !new {
+            continue;
+        }
+        match &r.op {
+            Op::MountStart { .. } | Op::MountStop | Op::Clean { .. } => {}
+            // A further name found by the inventory is a new entry too.
+            Op::Exists { parent, .. }
+            | Op::Create { parent, .. }
+            | Op::Link { parent, .. }
+            | Op::Unlink { parent, .. }
+            | Op::Rmdir { parent, .. } => {
+                parents.insert(*parent);
+            }
+            Op::Rename {
+                from_parent,
+                to_parent,
+                ..
+            } => {
+                parents.insert(*from_parent);
+                parents.insert(*to_parent);
+            }
+            Op::Dirty { id } => {
+                let f = folds.entry(*id).or_default();
+                f.dirty = true;
+                f.metadata.times = true;
+            }
+            Op::Write { id, ranges } => {
+                let f = folds.entry(*id).or_default();
+                if !f.rewritten && !f.created {
+                    f.ranges.extend(ranges.iter().copied());
+                }
+                f.metadata.times = true;
+            }
+            Op::Truncate { id, size } => {
+                let f = folds.entry(*id).or_default();
+                if !f.rewritten && !f.created {
+                    // Bytes past the new size are gone; if the file grows
+                    // again they come back as zeros, not as what was written.
+                    f.ranges.retain_mut(|r| {
+                        r.len = r.end().min(*size).saturating_sub(r.offset);
+                        r.len > 0
+                    });
+                    f.truncated_to = Some(f.truncated_to.map_or(*size, |t| t.min(*size)));
+                }
+                f.metadata.times = true;
+            }
+            Op::Rewritten { id, .. } => {
+                let f = folds.entry(*id).or_default();
+                f.rewritten = true;
+                f.ranges = Vec::new();
+                f.truncated_to = None;
+                f.metadata.times = true;
+            }
+            Op::SetAttr { id, change, .. } => {
+                let m = &mut folds.entry(*id).or_default().metadata;
+                m.mode |= change.mode.is_some();
+                m.owner |= change.uid.is_some() || change.gid.is_some();
+                m.times |= change.atime.is_some() || change.mtime.is_some();
+            }
+            Op::SetXattr { id, name, .. } | Op::RemoveXattr { id, name, .. } => {
+                folds
+                    .entry(*id)
+                    .or_default()
+                    .metadata
+                    .xattrs
+                    .insert(name.clone());
+            }
+        }
+    }
+    for p in parents {
+        folds.entry(p).or_default().metadata.times = true;
+    }
+    // Every file the records name is a candidate, even with nothing folded
+    // into it (a rename changes only names). In a whole tree grown from the
+    // root alone, every file but the root was created by a record, which
+    // folded into it; the others the records name exist at neither end.
+    match &after {
+        After::Named { ids, .. } => {
+            for id in ids {
+                folds.entry(*id).or_default();
+            }
+        }
+        After::Whole(_) => {
+            folds.entry(FileId::ROOT).or_default();
+        }
+    }
+
+    // In id order, as `folds` is.
+    let mut files = Vec::with_capacity(folds.len());
+    for (id, mut fold) in folds {
+        let was = before.table.get(id);
+        let now = after.get(id, before);
+        let (existed_before, exists_after) = (was.is_some(), now.is_some());
+        let Some(kind) = was.or(now).map(|e| e.kind) else {
+            // Created and removed within the range: nothing to send.
+            continue;
+        };
+        let sorted = |e: Option<&Entry>| {
+            let mut v = e.map_or_else(Vec::new, |e| e.names.clone());
+            v.sort();
+            v
+        };
+        let names_before = sorted(was);
+        let names_after = sorted(now);
+        let (content, metadata) = if !exists_after {
+            (ContentChange::Unchanged, MetadataChange::default())
+        } else if !existed_before {
+            let mut m = MetadataChange::all();
+            m.xattrs = std::mem::take(&mut fold.metadata.xattrs);
+            let content = if kind == FileKind::Dir {
+                ContentChange::Unchanged
+            } else {
+                ContentChange::Rewritten
+            };
+            (content, m)
+        } else {
+            let content = if kind == FileKind::Dir {
+                ContentChange::Unchanged
+            } else {
+                fold.content()
+            };
+            (content, fold.metadata)
+        };
+        let change = FileChange {
+            kind,
+            existed_before,
+            exists_after,
+            names_before,
+            names_after,
+            content,
+            metadata,
+        };
+        let unchanged = existed_before
+            && exists_after
+            && !change.names_changed()
+            && change.content == ContentChange::Unchanged
+            && change.metadata.is_empty();
+        if !unchanged {
+            files.push((id, change));
+        }
+    }
+    Changeset {
+        from,
+        to,
+        files: files.into_iter().collect(),
+    }
+}
+
 impl Changeset {
     /// Folds the records of `(from, to]` over the tree at `from`.
     ///
@@ -566,7 +841,6 @@ impl Changeset {
             .into_iter()
             .filter(|r| r.borrow().seq > from)
             .collect();
-        let mut to = from;
 
         // The names after: the table's own `apply`, run over a table that
         // holds only the files the records name, so the cost does not grow
@@ -579,166 +853,46 @@ impl Changeset {
             .iter()
             .filter(|id| **id != FileId::ROOT)
             .filter_map(|id| before.table.get(*id).map(|e| (*id, e.clone())));
-        let mut after = Table::from_parts(seed, before.table.next_id(), from);
+        let table = Table::from_parts(seed, before.table.next_id(), from);
+        fold(
+            before,
+            records.iter().map(Borrow::borrow),
+            After::Named { table, ids },
+        )
+    }
 
-        let mut folds: BTreeMap<FileId, Fold> = BTreeMap::new();
-        // Directories whose entries changed: their mtime moved at the source.
-        let mut parents: BTreeSet<FileId> = BTreeSet::new();
-        for r in &records {
-            let r = r.borrow();
-            to = to.max(r.seq);
-            let known = r.op.file_id().is_some_and(|id| after.contains(id));
-            // A file new to the replica: created, or found by the inventory
-            // when `from` is before it.
-            let new = matches!(&r.op, Op::Exists { id, .. } | Op::Create { id, .. }
-                if !after.contains(*id) && !before.contains(*id));
-            if let (true, Some(id)) = (new, r.op.file_id()) {
-                folds.entry(id).or_default().created = true;
+    /// [`compute`](Self::compute) over `tree`, the tree at `from`, then
+    /// [`Namespace::advance`] of `tree` by the same records, in place: what a
+    /// push needs. `None`, with `tree` left as it was, when the changeset is
+    /// empty.
+    ///
+    /// When `tree` holds the root alone (a replica's first push, where every
+    /// file at `to` is new), the records are folded over `tree` itself as it
+    /// advances: the table of the files the records name that `compute`
+    /// builds would be the whole tree at `to`, built a second time. The
+    /// changeset is the same.
+    pub fn compute_and_advance(
+        tree: &mut Namespace,
+        records: &[Record],
+    ) -> Option<(Changeset, Undo)> {
+        if !tree.holds_root_alone() {
+            let changes = Changeset::compute(tree, records);
+            if changes.is_empty() {
+                return None;
             }
-            after.apply(r);
-            if !known && !new {
-                continue;
-            }
-            match &r.op {
-                Op::MountStart { .. } | Op::MountStop | Op::Clean { .. } => {}
-                // A further name found by the inventory is a new entry too.
-                Op::Exists { parent, .. }
-                | Op::Create { parent, .. }
-                | Op::Link { parent, .. }
-                | Op::Unlink { parent, .. }
-                | Op::Rmdir { parent, .. } => {
-                    parents.insert(*parent);
-                }
-                Op::Rename {
-                    from_parent,
-                    to_parent,
-                    ..
-                } => {
-                    parents.insert(*from_parent);
-                    parents.insert(*to_parent);
-                }
-                Op::Dirty { id } => {
-                    let f = folds.entry(*id).or_default();
-                    f.dirty = true;
-                    f.metadata.times = true;
-                }
-                Op::Write { id, ranges } => {
-                    let f = folds.entry(*id).or_default();
-                    if !f.rewritten && !f.created {
-                        f.ranges.extend(ranges.iter().copied());
-                    }
-                    f.metadata.times = true;
-                }
-                Op::Truncate { id, size } => {
-                    let f = folds.entry(*id).or_default();
-                    if !f.rewritten && !f.created {
-                        // Bytes past the new size are gone; if the file grows
-                        // again they come back as zeros, not as what was written.
-                        f.ranges.retain_mut(|r| {
-                            r.len = r.end().min(*size).saturating_sub(r.offset);
-                            r.len > 0
-                        });
-                        f.truncated_to = Some(f.truncated_to.map_or(*size, |t| t.min(*size)));
-                    }
-                    f.metadata.times = true;
-                }
-                Op::Rewritten { id, .. } => {
-                    let f = folds.entry(*id).or_default();
-                    f.rewritten = true;
-                    f.ranges = Vec::new();
-                    f.truncated_to = None;
-                    f.metadata.times = true;
-                }
-                Op::SetAttr { id, change, .. } => {
-                    let m = &mut folds.entry(*id).or_default().metadata;
-                    m.mode |= change.mode.is_some();
-                    m.owner |= change.uid.is_some() || change.gid.is_some();
-                    m.times |= change.atime.is_some() || change.mtime.is_some();
-                }
-                Op::SetXattr { id, name, .. } | Op::RemoveXattr { id, name, .. } => {
-                    folds
-                        .entry(*id)
-                        .or_default()
-                        .metadata
-                        .xattrs
-                        .insert(name.clone());
-                }
-            }
+            let undo = tree.advance(records);
+            return Some((changes, undo));
         }
-        for p in parents {
-            folds.entry(p).or_default().metadata.times = true;
+        let base = tree.clone();
+        let from = base.seq();
+        let records = records.iter().filter(|r| r.seq > from);
+        let changes = fold(&base, records, After::Whole(tree));
+        if changes.is_empty() {
+            *tree = base;
+            return None;
         }
-        for id in &ids {
-            folds.entry(*id).or_default();
-        }
-
-        let mut files = BTreeMap::new();
-        for (id, mut fold) in folds {
-            let existed_before = before.contains(id);
-            // The table `after` holds only the files the records name; a
-            // directory that is only the parent of a change keeps its names.
-            let named = ids.contains(&id);
-            let exists_after = if named {
-                after.contains(id)
-            } else {
-                existed_before
-            };
-            if !existed_before && !exists_after {
-                // Created and removed within the range: nothing to send.
-                continue;
-            }
-            let Some(kind) = before.kind(id).or_else(|| after.get(id).map(|e| e.kind)) else {
-                continue;
-            };
-            let sorted = |names: &[Edge]| {
-                let mut v = names.to_vec();
-                v.sort();
-                v
-            };
-            let names_before = sorted(before.names(id));
-            let names_after = if named {
-                after.get(id).map(|e| sorted(&e.names)).unwrap_or_default()
-            } else {
-                names_before.clone()
-            };
-            let (content, metadata) = if !exists_after {
-                (ContentChange::Unchanged, MetadataChange::default())
-            } else if !existed_before {
-                let mut m = MetadataChange::all();
-                m.xattrs = std::mem::take(&mut fold.metadata.xattrs);
-                let content = if kind == FileKind::Dir {
-                    ContentChange::Unchanged
-                } else {
-                    ContentChange::Rewritten
-                };
-                (content, m)
-            } else {
-                let content = if kind == FileKind::Dir {
-                    ContentChange::Unchanged
-                } else {
-                    fold.content()
-                };
-                (content, fold.metadata)
-            };
-            let change = FileChange {
-                kind,
-                existed_before,
-                exists_after,
-                names_before,
-                names_after,
-                content,
-                metadata,
-            };
-            let unchanged = existed_before
-                && exists_after
-                && !change.names_changed()
-                && change.content == ContentChange::Unchanged
-                && change.metadata.is_empty();
-            if !unchanged {
-                files.insert(id, change);
-            }
-        }
-        Changeset { from, to, files }
+        let undo = Undo::over_root(base, tree.seq());
+        Some((changes, undo))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -402,12 +402,37 @@ impl Table {
 
 /// The files a record changes in the table (the subject, and for renames
 /// the file that was replaced or exchanged).
-pub(crate) fn touched(op: &Op) -> impl Iterator<Item = FileId> {
+pub(crate) fn touched(op: &Op) -> impl Iterator<Item = FileId> + Clone {
     let other = match op {
         Op::Rename { replaced, .. } => *replaced,
         _ => None,
     };
     op.file_id().into_iter().chain(other)
+}
+
+/// The files whose kind or names a record may change in the table: those it
+/// [`touched`], for the records of the namespace; none for the others, which
+/// `apply` lets change only dirty state and snapshots.
+pub(crate) fn renamed(op: &Op) -> impl Iterator<Item = FileId> + Clone {
+    let names = match op {
+        Op::Exists { .. }
+        | Op::Create { .. }
+        | Op::Link { .. }
+        | Op::Unlink { .. }
+        | Op::Rmdir { .. }
+        | Op::Rename { .. } => true,
+        Op::Dirty { .. }
+        | Op::Write { .. }
+        | Op::Truncate { .. }
+        | Op::Rewritten { .. }
+        | Op::SetAttr { .. }
+        | Op::SetXattr { .. }
+        | Op::RemoveXattr { .. }
+        | Op::MountStart { .. }
+        | Op::MountStop
+        | Op::Clean { .. } => false,
+    };
+    touched(op).filter(move |_| names)
 }
 
 #[cfg(test)]

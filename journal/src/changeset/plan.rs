@@ -22,6 +22,13 @@
 //! Every step gives a name that is kept to the end, takes away one that is
 //! not needed, or (kind 3) frees a name for good, so the loop ends; a bound
 //! on the rounds turns inconsistent input into an error.
+//!
+//! From a tree holding the root alone (a replica's first push) none of this
+//! has anything to do: every file at `to` is new and no name is held. The
+//! plan is then the tree at `to` walked from the root (`seed_plan`): each
+//! file created at its first name, parents before children, then its
+//! further names linked. The same steps the loop would find, in another
+//! valid order, for the cost of the walk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -106,8 +113,72 @@ impl Changeset {
         before: impl Into<Rewound<'a>>,
         after: &'a Namespace,
     ) -> Result<Vec<NsStep>, PlanError> {
+        let before = before.into();
+        if before.holds_root_alone()
+            && let Some(steps) = self.seed_plan(after)
+        {
+            return Ok(steps);
+        }
+        self.general_plan(before, after)
+    }
+
+    /// The plan from a tree at `from` that holds the root alone: the tree at
+    /// `to` walked from the root. `None` when the changeset is not the whole
+    /// tree at `to`, new (the trees do not fit it: the general planner says
+    /// what it can do).
+    pub(super) fn seed_plan(&self, after: &Namespace) -> Option<Vec<NsStep>> {
+        // Every file whose names change must be new and at `to`, and every
+        // file at `to` but the root must be one of them.
+        let mut new = 0u64;
+        for (id, f) in &self.files {
+            if !f.names_changed() {
+                continue;
+            }
+            if !f.created() || !after.contains(*id) {
+                return None;
+            }
+            new += 1;
+        }
+        if new + 1 != after.len() {
+            return None;
+        }
+        let mut steps = Vec::with_capacity(new as usize);
+        let mut links = Vec::new();
+        let mut fits = true;
+        after.walk(|_, dir_path, name, id, e, first| {
+            let path = dir_path.join(name.as_os());
+            if first {
+                steps.push(NsStep::Create {
+                    id,
+                    kind: e.kind,
+                    path,
+                    replaced: None,
+                });
+            } else {
+                fits &= e.kind != FileKind::Dir;
+                links.push((id, path));
+            }
+        });
+        // A file the walk does not reach is not below the root.
+        if !fits || steps.len() as u64 != new {
+            return None;
+        }
+        for (id, new) in links {
+            // Its path through its first name, made above.
+            let existing = after.path_of(id)?;
+            steps.push(NsStep::Link { id, existing, new });
+        }
+        Some(steps)
+    }
+
+    /// The plan in general: the loop of the module's docs.
+    pub(super) fn general_plan(
+        &self,
+        before: Rewound<'_>,
+        after: &Namespace,
+    ) -> Result<Vec<NsStep>, PlanError> {
         let mut w = Work {
-            before: before.into(),
+            before,
             after,
             names: HashMap::new(),
             edges: BTreeMap::new(),

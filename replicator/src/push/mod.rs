@@ -171,19 +171,20 @@ fn push_to(
         records = pending.records.len(),
         "push: tree and records"
     );
-    let changes = Changeset::compute(&pending.before, &pending.records);
-    if changes.is_empty() {
-        // Only records that change nothing on a replica (a push's own
-        // bookkeeping, mount starts and stops): nothing to apply. The
-        // replica keeps its sequence number; the next push starts there.
-        report.elapsed_ms = started.elapsed().as_millis() as u64;
-        return Ok(report);
-    }
     // The tree at `from` becomes the tree at `to` in place; the planner sees
     // the tree at `from` through what the records replaced. No copy of the
-    // tree: a push costs what changed.
+    // tree: a push costs what changed (a replica's first push, what the tree
+    // at `to` holds, once).
     let mut after = std::mem::take(&mut pending.before);
-    let undo = after.advance(&pending.records);
+    let Some((changes, undo)) = Changeset::compute_and_advance(&mut after, &pending.records) else {
+        // Only records that change nothing on a replica (a push's own
+        // bookkeeping, mount starts and stops): nothing to apply. The
+        // replica keeps its sequence number; the next push starts there,
+        // from the tree at `from`, which goes back to the journal as it was.
+        journal.remember(after);
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    };
     let steps = changes
         .namespace_plan(after.rewound(&undo), &after)
         .map_err(|e| PushError::Other(format!("planning the namespace changes: {e}")))?;
@@ -273,11 +274,13 @@ fn push_to(
         tracing::debug!(ms = started.elapsed().as_millis(), "push: acknowledged");
     }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
-    // Freeing a large tree takes tens of milliseconds: not on the way to
-    // the answer.
+    // The records, the changeset, its steps and the undo hold an entry per
+    // record or changed file: after a first push of a large tree, freeing
+    // them takes tens of milliseconds, not on the way to the answer. (The
+    // tree itself went back to the journal, but after a dry run.)
     let _ = std::thread::Builder::new()
         .name("ferry-free".into())
-        .spawn(move || drop((pending, changes, steps)));
+        .spawn(move || drop((pending, changes, steps, undo)));
     Ok(report)
 }
 
