@@ -133,6 +133,11 @@ pub fn spawn(
     let remote = format!("{} receive {}", shell_quote(ferry_path), shell_quote(path));
     let (to_ssh, ssh_stdin) = UnixStream::pair().context("making a socket pair for ssh")?;
     let (from_ssh, ssh_stdout) = UnixStream::pair().context("making a socket pair for ssh")?;
+    // A stream socket's writer may have this much in flight (capped by
+    // net.core.wmem_max; best effort).
+    for writer in [&to_ssh, &ssh_stdout] {
+        let _ = nix::sys::socket::setsockopt(writer, nix::sys::socket::sockopt::SndBuf, &(1 << 20));
+    }
     let mut child = Command::new(&program)
         .args(&words)
         .arg(host)
