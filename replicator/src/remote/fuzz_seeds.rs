@@ -361,6 +361,26 @@ fn write_receive_fuzz_seed_corpus() {
             &[Ready, Applied, Applied],
             true,
         ),
+        // A kept connection: released after a batch, opened again for
+        // the next push, released, and ended.
+        (
+            "release-and-reopen",
+            Stream(
+                Stream::hello("")
+                    .batch(&apply_seed("mkdir"))
+                    .message(&ToReceiver::Release)
+                    .0,
+            )
+            .message(&ToReceiver::Hello {
+                protocol: PROTOCOL,
+                replica: String::new(),
+            })
+            .batch(&second)
+            .message(&ToReceiver::Release)
+            .0,
+            &[Ready, Applied, Released, Ready, Applied, Released],
+            true,
+        ),
         (
             "again-skipped",
             Stream::hello("")
