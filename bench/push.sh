@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Pushes against rsync, measured side by side in one run (issues 3 and 4):
-#   bench/push.sh [--files N] [--ssh]    (as root; several minutes; wants an idle machine)
+#   bench/push.sh [--files N] [--runs N] [--ssh]    (as root; several minutes; wants an idle machine)
 # With --ssh both go through a real sshd on loopback: `rsync -e ssh` to
 # root@127.0.0.1:DIR and `ferry push MNT root@127.0.0.1:DIR`.
 # On a tree of N small files (default 100,000) plus a 1 GiB and a 100 MB file:
-#   seed      first copy: `rsync -a` vs the first `ferry push`
+#   seed      first copy: `rsync -a` vs the first `ferry push`, each into a
+#             freshly made filesystem, --runs times (default 3, the order
+#             alternating); the medians are compared
 #   edit      a 4 KiB write in the middle of the 1 GiB file and a 500-file
 #             directory renamed: `rsync -a --no-whole-file --delete` vs `ferry push`
 #   empty     `ferry push` with nothing to do
@@ -13,12 +15,13 @@
 # Prints a Markdown table (ratios: ferry / rsync) for docs/BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-files=100000 over_ssh=
+files=100000 over_ssh= runs=3
 while [ $# -gt 0 ]; do
   case $1 in
     --files) files=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
     --ssh) over_ssh=1; shift ;;
-    *) echo "usage: $0 [--files N] [--ssh]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--files N] [--runs N] [--ssh]" >&2; exit 2 ;;
   esac
 done
 scripts/setup
@@ -45,15 +48,16 @@ trap cleanup EXIT
 # what ran before far more than on the tool.
 fresh_fs() {
   local dir=$work/fs-$1 img=$work/$1.img dev
+  ! mountpoint -q "$dir" || umount "$dir"
+  rm -f "$img"
   truncate -s 8G "$img"
   mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$img"
   dev=$(losetup -f --show --direct-io=on "$img")
   mkdir -p "$dir" && mount "$dev" "$dir"
   losetup -d "$dev" # freed when unmounted
-  echo "$dir"
+  mkdir "$dir/replica"
 }
-rep=$(fresh_fs ferry)/replica rr=$(fresh_fs rsync)/replica
-mkdir -p "$rep"
+rep=$work/fs-ferry/replica rr=$work/fs-rsync/replica
 
 # Where each tool writes: local directories, or the same through ssh.
 rsync_to=$rr/ ferry_to=$rep ssh_args=() rsync_ssh=() how=local
@@ -103,10 +107,26 @@ push() { local out=$1; shift; "$ferry" push "$mnt" "$ferry_to" "${ssh_args[@]}" 
 
 # rsync leaves its copy in the page cache; ferry's seed ends with the
 # replica durable (its commit protocol syncs the staged content). The time
-# until rsync's copy is on disk too is measured beside it.
-settle; t0=$(now); rsync -a "${rsync_ssh[@]}" "$src"/ "$rsync_to"; t1=$(now); sync; t1s=$(now)
-settle; t2=$(now); push "$work/seed.json"; t3=$(now)
-seed_rsync=$(elapsed "$t0" "$t1") seed_ferry=$(elapsed "$t2" "$t3") seed_rsync_sync=$(elapsed "$t0" "$t1s")
+# until rsync's copy is on disk too is measured beside it. Over ssh every
+# seed but the last closes its connection (the next must pay ssh's setup
+# as rsync does); the last one's is kept for the change set below.
+seed_rsync() {
+  fresh_fs rsync; settle
+  local t0 t1 t1s; t0=$(now); rsync -a "${rsync_ssh[@]}" "$src"/ "$rsync_to"; t1=$(now); sync; t1s=$(now)
+  seeds_rsync+=("$(elapsed "$t0" "$t1")"); seeds_rsync_sync+=("$(elapsed "$t0" "$t1s")")
+}
+seed_ferry() {
+  fresh_fs ferry; settle
+  local t0 t1; t0=$(now); push "$work/seed.json" "$@"; t1=$(now)
+  seeds_ferry+=("$(elapsed "$t0" "$t1")")
+}
+seeds_rsync=() seeds_rsync_sync=() seeds_ferry=()
+for run in $(seq "$runs"); do
+  keep=(--keep-connection 0); [ "$run" -lt "$runs" ] || keep=()
+  if [ $((run % 2)) = 1 ]; then seed_rsync; seed_ferry "${keep[@]}"; else seed_ferry "${keep[@]}"; seed_rsync; fi
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
+seed_rsync=$(median "${seeds_rsync[@]}") seed_ferry=$(median "${seeds_ferry[@]}") seed_rsync_sync=$(median "${seeds_rsync_sync[@]}")
 
 # A 4 KiB edit in the middle of the 1 GiB file and a 500-file directory
 # renamed, pushed by each; `edit N [ferry options]` (N picks the offset and
@@ -151,5 +171,6 @@ Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | se
 | empty push (ms) | | $empty_ms | | < 10 |
 | editor save of 100 MB, bytes sent | $save_rbytes | $save_fbytes | $(ratio "$save_fbytes" "$save_rbytes") | ≤ 1.2 |
 
-ferry seed: commit window $(field "$work/seed.json" commit_window_us) µs, staging $(field "$work/seed.json" staging_ms) ms, sync $(field "$work/seed.json" sync_ms) ms; edit: commit window $(field "$work/edit0.json" commit_window_us) µs, connection reused: $(field "$work/edit0.json" reused_connection); again: reused $(field "$work/edit1.json" reused_connection). Replicas on fresh ext4 images (loop, direct I/O).
+Seeds (s), in run order: rsync ${seeds_rsync[*]}; rsync then sync ${seeds_rsync_sync[*]}; ferry ${seeds_ferry[*]}.
+Last ferry seed: commit window $(field "$work/seed.json" commit_window_us) µs, staging $(field "$work/seed.json" staging_ms) ms, sync $(field "$work/seed.json" sync_ms) ms; edit: commit window $(field "$work/edit0.json" commit_window_us) µs, connection reused: $(field "$work/edit0.json" reused_connection); again: reused $(field "$work/edit1.json" reused_connection). Replicas on fresh ext4 images (loop, direct I/O).
 EOF
