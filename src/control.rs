@@ -677,7 +677,7 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
         Ok(report) => Reply::Done(report),
         Err(err) if err.is::<NotKept>() => Reply::NotKept,
         Err(err) => {
-            let msg = one_line(&err);
+            let msg = crate::one_line(&err);
             tracing::warn!(destination = %name, error = %msg, "push failed");
             Reply::Error(msg)
         }
@@ -772,13 +772,6 @@ fn read_request(stream: &UnixStream) -> Result<Option<(Request, Vec<OwnedFd>)>, 
     serde_json::from_slice(&line[..end])
         .map(|r| Some((r, fds)))
         .map_err(|e| format!("bad request: {e}"))
-}
-
-fn one_line(err: &anyhow::Error) -> String {
-    err.chain()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
 }
 
 /// Connects to a control socket.
