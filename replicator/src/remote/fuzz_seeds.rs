@@ -16,11 +16,10 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use super::message::{self, GREETING, PROTOCOL, ToReceiver, ToSender};
+use super::test_ops::{create, p};
 use super::{Received, RemoteError, receive};
 use crate::apply::Partial;
-use crate::batch::{
-    ANY_REPLICA, BatchHeader, BatchWriter, Chunk, Content, Hash, Op, RelPath, WriteRange,
-};
+use crate::batch::{ANY_REPLICA, BatchHeader, BatchWriter, Chunk, Hash, Op, WriteRange};
 
 const A_TXT: &[u8] = b"hello, replica\n";
 const B_TXT: &[u8] = b"world\n";
@@ -110,19 +109,6 @@ fn listing(dir: &Path) -> Vec<(PathBuf, u32, Option<Vec<u8>>)> {
     }
     out.sort();
     out
-}
-
-fn p(s: &str) -> RelPath {
-    RelPath::parse(s.as_bytes()).expect("valid test path")
-}
-
-fn create(path: &str, data: &[u8]) -> Op {
-    Op::CreateFile {
-        path: p(path),
-        mode: 0o644,
-        content: Content::Raw(data.to_vec()),
-        result: Hash::of(data),
-    }
 }
 
 /// A batch as `ferry push` writes it (unbounded header counts).

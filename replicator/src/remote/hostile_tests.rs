@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use super::message::{self, GREETING, MAX_KEPT, MAX_MESSAGE, PROTOCOL, ToReceiver, ToSender};
+use super::test_ops::{self, create, p};
 use super::{Connection, Received, RemoteError, receive};
 use crate::batch::limits::{MAX_FILE_SIZE, MAX_HEADER_PAYLOAD, MAX_OP_PAYLOAD};
 use crate::batch::{
@@ -40,28 +41,8 @@ const SOURCE: [u8; 16] = [5; 16];
 /// What `outside/keep` holds.
 const KEEP: &[u8] = b"outside\n";
 
-fn p(s: &str) -> RelPath {
-    RelPath::parse(s.as_bytes()).expect("valid test path")
-}
-
 fn header(from: u64, to: u64) -> BatchHeader {
-    BatchHeader {
-        source_id: SOURCE,
-        from_seq: from,
-        to_seq: to,
-        op_count: u64::MAX,
-        content_bytes: u64::MAX,
-        ..BatchHeader::default()
-    }
-}
-
-fn create(path: &str, data: &[u8]) -> Op {
-    Op::CreateFile {
-        path: p(path),
-        mode: 0o644,
-        content: Content::Raw(data.to_vec()),
-        result: Hash::of(data),
-    }
+    test_ops::header(SOURCE, from, to)
 }
 
 fn write_ranges(path: &str, base: &[u8], offset: u64, data: &[u8]) -> Op {

@@ -41,6 +41,8 @@ mod fuzz_seeds;
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
+mod test_ops;
+#[cfg(test)]
 mod tests;
 
 pub use connection::{Connection, Ready};

@@ -8,33 +8,14 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use super::message::{self, GREETING, MAX_MESSAGE, PROTOCOL, ToReceiver, ToSender};
+use super::test_ops::{self, create, p};
 use super::{Connection, Received, RemoteError, receive};
-use crate::batch::{BatchHeader, Content, Hash, Op, RelPath};
+use crate::batch::{BatchHeader, Hash, Op};
 
 const SOURCE: [u8; 16] = [3; 16];
 
-fn p(s: &str) -> RelPath {
-    RelPath::parse(s.as_bytes()).expect("valid test path")
-}
-
 fn header(from: u64, to: u64) -> BatchHeader {
-    BatchHeader {
-        source_id: SOURCE,
-        from_seq: from,
-        to_seq: to,
-        op_count: u64::MAX,
-        content_bytes: u64::MAX,
-        ..BatchHeader::default()
-    }
-}
-
-fn create(path: &str, data: &[u8]) -> Op {
-    Op::CreateFile {
-        path: p(path),
-        mode: 0o644,
-        content: Content::Raw(data.to_vec()),
-        result: Hash::of(data),
-    }
+    test_ops::header(SOURCE, from, to)
 }
 
 /// A receiver serving `replica` on one end of a socket pair.
@@ -413,7 +394,8 @@ fn a_file_cut_off_in_the_middle_is_continued_where_it_stopped() {
         offset: offset as u64,
         data: crate::batch::Chunk::Raw(data[offset..offset + len].to_vec()),
     };
-    {
+    // A push cut off after the file's first 7 MiB: the rest never comes.
+    let cut_off = || {
         let (mut conn, _, handle) = connect(&d.replica);
         let mut w = conn.batch(header(0, 3)).unwrap();
         w.push(&Op::BeginFile {
@@ -424,11 +406,11 @@ fn a_file_cut_off_in_the_middle_is_continued_where_it_stopped() {
         .unwrap();
         w.push(&piece(0, 4 << 20)).unwrap();
         w.push(&piece(4 << 20, 3 << 20)).unwrap();
-        // Cut off: the rest never comes.
         drop(w);
         drop(conn);
         assert!(handle.join().unwrap().is_err());
-    }
+    };
+    cut_off();
     let have = 7 << 20;
     let resume = |content: &[u8]| {
         vec![
@@ -468,21 +450,7 @@ fn a_file_cut_off_in_the_middle_is_continued_where_it_stopped() {
     handle.join().unwrap().unwrap();
 
     // Cut off again, then continued with the right start.
-    {
-        let (mut conn, _, handle) = connect(&d.replica);
-        let mut w = conn.batch(header(0, 3)).unwrap();
-        w.push(&Op::BeginFile {
-            path: p("big"),
-            mode: 0o600,
-            size: data.len() as u64,
-        })
-        .unwrap();
-        w.push(&piece(0, 4 << 20)).unwrap();
-        w.push(&piece(4 << 20, 3 << 20)).unwrap();
-        drop(w);
-        drop(conn);
-        assert!(handle.join().unwrap().is_err());
-    }
+    cut_off();
     let (mut conn, ready, handle) = connect(&d.replica);
     assert_eq!(ready.partial.map(|p| p.have), Some(have as u64));
     let ToSender::Applied(r) = send_batch(&mut conn, 0, 3, &resume(&data)) else {
