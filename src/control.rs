@@ -225,13 +225,21 @@ pub struct Pusher {
     parked: AtomicU64,
 }
 
+/// A connection to a receiver, past its `Ready`.
+struct Open {
+    /// Names the receiver in the journal and in messages.
+    name: String,
+    /// What its `Hello` asks for.
+    replica: String,
+    conn: Connection<Box<dyn Read + Send>, Box<dyn Write + Send>>,
+}
+
 /// A connection released after its push and kept for the next one.
 struct Parked {
+    /// Which parking this is, so that a timer closes only its own.
     number: u64,
-    name: String,
-    replica: String,
     keep: Keep,
-    conn: Connection<Box<dyn Read + Send>, Box<dyn Write + Send>>,
+    open: Open,
 }
 
 impl Pusher {
@@ -254,25 +262,24 @@ impl Pusher {
         }
     }
 
-    /// Keeps `conn` (released) under its key for `keep.seconds`, closing
-    /// the one kept there before; a timer closes it unless a push has
-    /// taken it by then.
-    fn park(&self, parked: Parked) {
+    /// Keeps `open` (released) under `keep.key` for `keep.seconds`,
+    /// closing the one kept there before; a timer closes it unless a push
+    /// has taken it by then.
+    fn park(&self, keep: Keep, open: Open) {
         let number = self.parked.fetch_add(1, Ordering::Relaxed);
-        let (key, seconds) = (parked.keep.key.clone(), parked.keep.seconds);
-        let replaced = lock(&self.kept).insert(key.clone(), Parked { number, ..parked });
+        let (key, seconds) = (keep.key.clone(), keep.seconds);
+        let replaced = lock(&self.kept).insert(key.clone(), Parked { number, keep, open });
         close_parked(replaced);
         let kept = Arc::downgrade(&self.kept);
         let timed = key.clone();
         let timer = std::thread::Builder::new()
             .name("ferry-kept".into())
             .spawn(move || {
-                let key = timed;
                 std::thread::sleep(Duration::from_secs(seconds));
                 let Some(kept) = kept.upgrade() else { return };
                 let mut kept = lock(&kept);
-                if kept.get(&key).is_some_and(|p| p.number == number) {
-                    close_parked(kept.remove(&key));
+                if kept.get(&timed).is_some_and(|p| p.number == number) {
+                    close_parked(kept.remove(&timed));
                 }
             });
         if let Err(e) = timer {
@@ -286,10 +293,10 @@ impl Pusher {
 /// Ends a kept connection (`Done`: its receiver exits; dropping the stream
 /// then ends ssh).
 fn close_parked(parked: Option<Parked>) {
-    if let Some(p) = parked
-        && let Err(e) = p.conn.close()
+    if let Some(Parked { open, .. }) = parked
+        && let Err(e) = open.conn.close()
     {
-        tracing::debug!(destination = %p.name, error = %e, "closing a kept connection");
+        tracing::debug!(destination = %open.name, error = %e, "closing a kept connection");
     }
 }
 
@@ -354,61 +361,59 @@ impl Pusher {
             Target::Remote(stream) => {
                 let (conn, ready) = Connection::open(stream.reader, stream.writer, &stream.replica)
                     .with_context(|| format!("the replica {}", stream.name))?;
-                let parked = Parked {
-                    number: 0,
+                let open = Open {
                     name: stream.name,
                     replica: stream.replica,
-                    keep: stream.keep.unwrap_or(Keep {
-                        key: String::new(),
-                        seconds: 0,
-                    }),
                     conn,
                 };
-                self.push_connection(parked, ready, options, progress)?
+                self.push_connection(open, ready, stream.keep, options, progress)?
             }
             Target::Kept(key) => {
-                let Some(mut parked) = lock(&self.kept).remove(&key) else {
+                let Some(Parked { keep, mut open, .. }) = lock(&self.kept).remove(&key) else {
                     return Err(NotKept.into());
                 };
-                let ready = match parked.conn.reopen(&parked.replica) {
+                let ready = match open.conn.reopen(&open.replica) {
                     Ok(ready) => ready,
                     Err(e) => {
                         // Ended by the other side, or ssh gone: a new one.
-                        tracing::info!(destination = %parked.name, error = %e, "the kept connection no longer works");
+                        tracing::info!(destination = %open.name, error = %e, "the kept connection no longer works");
                         return Err(NotKept.into());
                     }
                 };
-                let mut report = self.push_connection(parked, ready, options, progress)?;
+                let mut report =
+                    self.push_connection(open, ready, Some(keep), options, progress)?;
                 report.reused_connection = true;
                 report
             }
         })
     }
 
-    /// Pushes through an open connection; then keeps it (released) if it
-    /// is to be kept, or ends it.
+    /// Pushes through an open connection; then keeps it (released) as
+    /// `keep` says, or ends it.
     fn push_connection(
         &self,
-        mut parked: Parked,
+        mut open: Open,
         ready: replicator::remote::Ready,
+        keep: Option<Keep>,
         options: &PushOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> anyhow::Result<PushReport> {
         let report = replicator::push::push_remote(
             &self.journal,
             &self.source,
-            &mut parked.conn,
+            &mut open.conn,
             ready,
-            &parked.name,
+            &open.name,
             options,
             progress,
         )?;
-        let context = || format!("the replica {}", parked.name);
-        if parked.keep.seconds == 0 {
-            parked.conn.close().with_context(context)?;
-        } else {
-            parked.conn.release().with_context(context)?;
-            self.park(parked);
+        let context = || format!("the replica {}", open.name);
+        match keep.filter(|k| k.seconds > 0) {
+            None => open.conn.close().with_context(context)?,
+            Some(keep) => {
+                open.conn.release().with_context(context)?;
+                self.park(keep, open);
+            }
         }
         Ok(report)
     }
