@@ -48,11 +48,15 @@ use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
+use crate::uring;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
 /// and 128k on other systems.
 pub(crate) const MAX_WRITE_SIZE: usize = 16 * 1024 * 1024;
+
+/// Entries per io_uring queue: requests one CPU can have in flight at once.
+const RING_DEPTH: usize = 8;
 
 #[derive(Default, Debug, Eq, PartialEq, Clone, Copy)]
 /// How requests should be filtered based on the calling UID.
@@ -139,6 +143,8 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// The payload size of the io_uring queues, when FUSE_INIT enabled them.
+    pub(crate) ring_payload: Option<usize>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +192,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            ring_payload: None,
         };
 
         session.handshake()?;
@@ -214,6 +221,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            ring_payload: None,
         };
 
         session.handshake()?;
@@ -252,6 +260,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            ring_payload,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -286,6 +295,7 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
+        let ring_channel = ch.clone();
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
@@ -306,6 +316,27 @@ impl<FS: Filesystem> Session<FS> {
             );
         }
 
+        // The /dev/fuse threads keep serving what does not come through the
+        // queues (FORGET, INTERRUPT, requests made before they are ready).
+        let queues = match ring_payload {
+            Some(payload) => {
+                let make_loop = |thread_name: String| SessionEventLoop {
+                    thread_name,
+                    filesystem: filesystem.clone(),
+                    ch: ring_channel.clone(),
+                    allowed,
+                    session_owner,
+                };
+                Some(uring::Queues::start(
+                    make_loop,
+                    &ring_channel,
+                    RING_DEPTH,
+                    payload,
+                )?)
+            }
+            None => None,
+        };
+
         let mut reply: io::Result<()> = Ok(());
         for thread in threads {
             let res = match thread.join() {
@@ -319,6 +350,10 @@ impl<FS: Filesystem> Session<FS> {
                     reply = Err(e);
                 }
             }
+        }
+
+        if let Some(queues) = queues {
+            queues.stop();
         }
 
         let Some(filesystem) = Arc::get_mut(&mut filesystem) else {
@@ -431,6 +466,22 @@ impl<FS: Filesystem> Session<FS> {
 
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
+
+            // Once told of io_uring queues the kernel holds every request
+            // until they exist, so ask for them only if they can be made.
+            if config.requested.contains(InitFlags::FUSE_OVER_IO_URING)
+                && init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING)
+            {
+                if uring::available() {
+                    let pages = usize::from(config.max_pages()) * page_size::get();
+                    self.ring_payload = Some(8192.max(config.max_write as usize).max(pages));
+                } else {
+                    warn!(
+                        "io_uring is not available to this process: FUSE requests go through /dev/fuse"
+                    );
+                    config.requested.remove(InitFlags::FUSE_OVER_IO_URING);
+                }
+            }
 
             // Log capability status for debugging
             for bit in 0..64 {
