@@ -97,6 +97,10 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Read FUSE requests from /dev/fuse only, even when the kernel offers
+    /// its per-CPU io_uring queues (`fuse` module parameter `enable_uring`).
+    #[arg(long)]
+    pub no_io_uring: bool,
 }
 
 #[derive(Args, Debug)]

@@ -27,6 +27,7 @@ struct Plan {
     state_created: bool,
     reconcile: bool,
     threads: usize,
+    io_uring: bool,
 }
 
 pub fn run(args: MountArgs) -> anyhow::Result<()> {
@@ -103,6 +104,7 @@ fn validate(args: &MountArgs) -> anyhow::Result<Plan> {
         state_created,
         reconcile: args.reconcile,
         threads: args.threads,
+        io_uring: !args.no_io_uring,
     })
 }
 
@@ -230,6 +232,7 @@ fn serve(plan: &Plan, ready: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
         fsname: format!("{}{}", mounts::FSNAME_PREFIX, plan.state.display()),
         allow_other: true,
         threads: plan.threads,
+        io_uring: plan.io_uring,
     };
     let mounted = match vfs::mount(fs.clone(), &plan.mountpoint, &config) {
         Ok(m) => m,

@@ -275,7 +275,12 @@ fn run_both(subject: &Path, native: &Path, ops: &[Op]) -> Result<Expected, Strin
 /// Runs `ops` on a fresh mount and a native directory and checks everything;
 /// the error says what differed.
 pub fn check_sequence(ops: &[Op]) -> Result<(), String> {
-    let tm = TestMount::with_source(populate);
+    check_sequence_mounted_with(ops, &[])
+}
+
+/// `check_sequence` on a mount made with `options`.
+fn check_sequence_mounted_with(ops: &[Op], options: &[&str]) -> Result<(), String> {
+    let tm = TestMount::with_source_and_options(populate, options);
     let native = tm.path("native");
     std::fs::create_dir(&native).map_err(|e| e.to_string())?;
     populate(&native);
@@ -610,10 +615,10 @@ proptest! {
 
 // ---- named regressions and fixed scenarios ----
 
-#[test]
-fn fixed_scenario_covers_every_kind_of_operation() {
+/// Every kind of operation, in one fixed sequence.
+fn fixed_scenario() -> Vec<Op> {
     use Op::*;
-    check_sequence(&[
+    vec![
         Create {
             path: "d",
             excl: true,
@@ -796,8 +801,19 @@ fn fixed_scenario_covers_every_kind_of_operation() {
         Unlink { path: "b" },
         Unlink { path: "d" },
         Rmdir { path: "d" },
-    ])
-    .unwrap();
+    ]
+}
+
+#[test]
+fn fixed_scenario_covers_every_kind_of_operation() {
+    check_sequence(&fixed_scenario()).unwrap();
+}
+
+/// The same through `/dev/fuse` alone, the transport used where the kernel
+/// offers no io_uring queues (the rest of the suite uses them when offered).
+#[test]
+fn fixed_scenario_through_dev_fuse_only() {
+    check_sequence_mounted_with(&fixed_scenario(), &["--no-io-uring"]).unwrap();
 }
 
 #[test]

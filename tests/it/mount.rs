@@ -544,3 +544,67 @@ fn read_only_truncate_and_self_exchange_match_native() {
         "O_TRUNC not journaled"
     );
 }
+
+/// The voluntary context switches of each of the mount's io_uring queue
+/// threads (`fuser-ring-N`): one per wait for the next request.
+fn queue_thread_switches(pid: i32) -> Vec<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list the mount's threads");
+    let mut switches = Vec::new();
+    for task in tasks {
+        let dir = task.expect("task entry").path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !name.starts_with("fuser-ring-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).expect("thread status");
+        let count = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("voluntary_ctxt_switches");
+        switches.push(count);
+    }
+    switches
+}
+
+/// Where the kernel offers FUSE over io_uring (`scripts/setup` turns it on,
+/// so CI always has it), requests are served by one queue thread per CPU;
+/// `--no-io-uring` keeps them all on /dev/fuse.
+#[test]
+fn requests_are_served_by_per_cpu_io_uring_queues_when_the_kernel_offers_them() {
+    let offered = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y");
+    if !offered {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs scripts/setup, which sets the fuse module's enable_uring"
+        );
+        eprintln!("skipped: this kernel does not offer FUSE over io_uring");
+        return;
+    }
+    let tm = TestMount::new();
+    let before = queue_thread_switches(tm.pid());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        before.len() >= cpus,
+        "{} queue threads for {cpus} CPUs",
+        before.len()
+    );
+    for i in 0..50 {
+        std::fs::write(tm.mnt.join(format!("f{i}")), b"through the queues").expect("write");
+    }
+    let after = queue_thread_switches(tm.pid());
+    let served: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
+    assert!(
+        served >= 50,
+        "the queue threads woke {served} times for 50 files created"
+    );
+    tm.umount();
+
+    tm.mount_with(&["--no-io-uring"]);
+    assert_eq!(queue_thread_switches(tm.pid()), Vec::<u64>::new());
+    assert_eq!(
+        std::fs::read(tm.mnt.join("f49")).expect("read back"),
+        b"through the queues"
+    );
+}

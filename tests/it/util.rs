@@ -210,9 +210,14 @@ impl TestMount {
 
     /// A source filled by `fill` before the first mount, then mounted.
     pub fn with_source(fill: impl FnOnce(&Path)) -> TestMount {
+        TestMount::with_source_and_options(fill, &[])
+    }
+
+    /// `with_source`, mounted with more options.
+    pub fn with_source_and_options(fill: impl FnOnce(&Path), options: &[&str]) -> TestMount {
         let tm = TestMount::unmounted();
         fill(&tm.source);
-        tm.mount();
+        tm.mount_with(options);
         tm
     }
 
@@ -241,17 +246,23 @@ impl TestMount {
             .join(name)
     }
 
-    pub fn mount_output(&self) -> Output {
-        ferry(self.mount_args())
-    }
-
     /// `mount SOURCE MNT --state STATE --background` for this test's dirs.
     pub fn mount_args(&self) -> [&OsStr; 6] {
         mount_args(&self.source, &self.mnt, &self.state)
     }
 
     pub fn mount(&self) {
-        let out = self.mount_output();
+        self.mount_with(&[]);
+    }
+
+    /// `mount`, with more options.
+    pub fn mount_with(&self, extra: &[&str]) {
+        let out = ferry(
+            self.mount_args()
+                .iter()
+                .copied()
+                .chain(extra.iter().map(OsStr::new)),
+        );
         assert!(out.ok(), "ferry mount failed: {out:#?}");
         let found = mounts_at(&self.mnt);
         assert!(

@@ -31,12 +31,18 @@ const MAX_WRITE: u32 = 1 << 20;
 pub struct FuseAdapter {
     fs: Arc<JournalingFs>,
     passthrough: Arc<AtomicBool>,
+    io_uring: bool,
 }
 
 impl FuseAdapter {
-    /// `passthrough` is set at init when the kernel accepts kernel passthrough.
-    pub fn new(fs: Arc<JournalingFs>, passthrough: Arc<AtomicBool>) -> FuseAdapter {
-        FuseAdapter { fs, passthrough }
+    /// `passthrough` is set at init when the kernel accepts kernel
+    /// passthrough; `io_uring` asks for FUSE over io_uring.
+    pub fn new(fs: Arc<JournalingFs>, passthrough: Arc<AtomicBool>, io_uring: bool) -> FuseAdapter {
+        FuseAdapter {
+            fs,
+            passthrough,
+            io_uring,
+        }
     }
 }
 
@@ -209,6 +215,16 @@ impl Filesystem for FuseAdapter {
             tracing::warn!("kernel FUSE passthrough unavailable: all file I/O goes through ferry");
         }
         self.passthrough.store(passthrough, Ordering::Release);
+        // Requests then reach a thread on the CPU that made them, which
+        // saves a cross-CPU wakeup each way (docs/ARCHITECTURE.md).
+        if self.io_uring {
+            match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+                Ok(()) => tracing::info!("FUSE requests come through per-CPU io_uring queues"),
+                Err(_) => tracing::debug!(
+                    "the kernel does not offer FUSE over io_uring (fuse module parameter enable_uring)"
+                ),
+            }
+        }
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_background(64);
         Ok(())

@@ -33,6 +33,9 @@ pub struct MountConfig {
     pub allow_other: bool,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Take requests through the kernel's per-CPU io_uring queues when it
+    /// offers them (the `fuse` module's `enable_uring` parameter).
+    pub io_uring: bool,
 }
 
 /// A live mount. Dropping it without `unmount` leaves the mount in place
@@ -71,7 +74,11 @@ pub fn mount(
     fuse_config.n_threads = Some(config.threads.max(1));
     fuse_config.clone_fd = true;
 
-    let adapter = FuseAdapter::new(fs.clone(), Arc::new(AtomicBool::new(false)));
+    let adapter = FuseAdapter::new(
+        fs.clone(),
+        Arc::new(AtomicBool::new(false)),
+        config.io_uring,
+    );
     let mut session = Session::new(adapter, mountpoint, &fuse_config)?;
     let notifier = session.notifier();
     // A negative offset invalidates attributes only, never page cache, so it
