@@ -21,14 +21,20 @@ cargo build --release -q
 ferry=$PWD/target/release/ferry
 work=$(mktemp -d /var/tmp/ferry-bench.XXXXXX)
 native=$work/native fsrc=$work/ferry-src fmnt=$work/ferry bsrc=$work/bindfs-src bmnt=$work/bindfs
-mkdir -p "$native" "$fsrc" "$fmnt" "$bsrc" "$bmnt"
+dsrc=$work/dev-src dmnt=$work/ferry-dev
+mkdir -p "$native" "$fsrc" "$fmnt" "$bsrc" "$bmnt" "$dsrc" "$dmnt"
 cleanup() {
-  "$ferry" umount "$fmnt" 2>/dev/null || umount -l "$fmnt" 2>/dev/null || true
+  for m in "$fmnt" "$dmnt"; do "$ferry" umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
   fusermount3 -u "$bmnt" 2>/dev/null || umount -l "$bmnt" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
+# ferry as it mounts by default (through the kernel's per-CPU io_uring
+# queues where offered: scripts/setup enables them), and through /dev/fuse
+# alone, to show what the transport is worth.
+scripts/setup
 "$ferry" mount "$fsrc" "$fmnt" --state "$work/state" --background >/dev/null
+"$ferry" mount "$dsrc" "$dmnt" --state "$work/dev-state" --background --no-io-uring >/dev/null
 bindfs "$bsrc" "$bmnt"
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
@@ -52,12 +58,12 @@ ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 # at about half speed). So: settle before every measurement, and rotate the
 # order of the targets from run to run.
 settle() { sync; sleep 5; }
-targets=(native ferry bindfs)
+targets=(native ferry dev bindfs)
+dir_of() { case $1 in native) echo "$native" ;; ferry) echo "$fmnt" ;; dev) echo "$dmnt" ;; bindfs) echo "$bmnt" ;; esac; }
 declare -A res samples
 for run in $(seq "$runs"); do
-  for k in 0 1 2; do
-    target=${targets[$(( (k + run) % 3 ))]}
-    case $target in native) d=$native ;; ferry) d=$fmnt ;; bindfs) d=$bmnt ;; esac
+  for k in 0 1 2 3; do
+    target=${targets[$(( (k + run) % 4 ))]} d=$(dir_of "$target")
     settle; samples[$target.write]+=" $(fio_bw "$d" write)"
     settle; samples[$target.overwrite]+=" $(fio_bw "$d" write --overwrite=1)"
     drop_caches; settle; samples[$target.read]+=" $(fio_bw "$d" read)"
@@ -80,24 +86,36 @@ for d in range(dirs):
             with open(f"{p}/f{f}", "wb") as fh: fh.write(os.urandom(random.randint(100, 8000)))
 PY
 tar cf "$work/tree.tar" -C "$work/tree" . && rm -rf "$work/tree"
-for target in native ferry bindfs; do
-  case $target in native) d=$native ;; ferry) d=$fmnt ;; bindfs) d=$bmnt ;; esac
-  drop_caches; settle
-  res[$target.untar]=$(seconds tar xf "$work/tree.tar" -C "$d")
-  drop_caches; settle
-  res[$target.find]=$(seconds find "$d" -size +1k)
+for run in $(seq "$runs"); do
+  for k in 0 1 2 3; do
+    target=${targets[$(( (k + run) % 4 ))]} d=$(dir_of "$target")/tree$run
+    mkdir "$d"
+    drop_caches; settle
+    samples[$target.untar]+=" $(seconds tar xf "$work/tree.tar" -C "$d")"
+    drop_caches; settle
+    samples[$target.find]+=" $(seconds find "$d" -size +1k)"
+  done
+done
+for key in "${!samples[@]}"; do
+  # shellcheck disable=SC2086
+  res[$key]=$(median ${samples[$key]})
 done
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 echo "Machine: $(nproc) cores ($cpu), $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r), $(df -T "$work" | awk 'NR==2{print $2}') under $work; $runs runs (median); $((dirs * 500)) files in the tree."
 echo
-echo "| measure | native | ferry | ferry / native | bindfs | bindfs / native |"
-echo "|---|---|---|---|---|---|"
+echo "| measure | native | ferry | ferry / native | ferry, /dev/fuse only | / native | bindfs | bindfs / native |"
+echo "|---|---|---|---|---|---|---|---|"
+mib() { python3 -c "print(f'{$1/1024:.0f}')"; }
 for m in write overwrite read; do
-  n=${res[native.$m]} f=${res[ferry.$m]} b=${res[bindfs.$m]}
-  printf '| %s (MiB/s) | %.0f | %.0f | %s | %.0f | %s |\n' "$m" "$(python3 -c "print($n/1024)")" "$(python3 -c "print($f/1024)")" "$(ratio "$f" "$n")" "$(python3 -c "print($b/1024)")" "$(ratio "$b" "$n")"
+  n=${res[native.$m]} f=${res[ferry.$m]} v=${res[dev.$m]} b=${res[bindfs.$m]}
+  printf '| %s (MiB/s) | %s | %s | %s | %s | %s | %s | %s |\n' "$m" "$(mib "$n")" "$(mib "$f")" "$(ratio "$f" "$n")" "$(mib "$v")" "$(ratio "$v" "$n")" "$(mib "$b")" "$(ratio "$b" "$n")"
 done
 for m in untar find; do
-  n=${res[native.$m]} f=${res[ferry.$m]} b=${res[bindfs.$m]}
-  printf '| %s (s) | %.2f | %.2f | %s | %.2f | %s |\n' "$m" "$n" "$f" "$(ratio "$f" "$n")" "$b" "$(ratio "$b" "$n")"
+  n=${res[native.$m]} f=${res[ferry.$m]} v=${res[dev.$m]} b=${res[bindfs.$m]}
+  printf '| %s (s) | %.2f | %.2f | %s | %.2f | %s | %.2f | %s |\n' "$m" "$n" "$f" "$(ratio "$f" "$n")" "$v" "$(ratio "$v" "$n")" "$b" "$(ratio "$b" "$n")"
+done
+echo
+for m in untar find; do
+  echo "$m samples (s), in run order: native${samples[native.$m]}; ferry${samples[ferry.$m]}; /dev/fuse${samples[dev.$m]}; bindfs${samples[bindfs.$m]}"
 done

@@ -54,6 +54,7 @@ use io_uring::opcode;
 use io_uring::squeue;
 use io_uring::types;
 use log::error;
+use log::warn;
 use parking_lot::Mutex;
 
 use crate::Filesystem;
@@ -328,24 +329,31 @@ impl Queues {
             let fd = ch.as_fd().as_raw_fd();
             let offload = offload.clone();
             let (tx, rx) = std::sync::mpsc::channel();
+            // The thread reports once its entries are handed to the kernel:
+            // a queue that never registers would hold every request forever,
+            // so failing to make one fails the session.
             let thread = std::thread::Builder::new().name(name).spawn(move || {
-                let waker = match Waker::new() {
-                    Ok(waker) => Arc::new(waker),
+                pin_to_cpu(qid);
+                let opened = Waker::new().and_then(|waker| {
+                    let queue = Queue {
+                        fuse_fd: fd,
+                        qid: qid as u16,
+                        waker: Arc::new(waker),
+                        offload,
+                    };
+                    let (ring, entries) = queue.open(depth, payload)?;
+                    Ok((queue, ring, entries))
+                });
+                let (queue, ring, entries) = match opened {
+                    Ok(opened) => opened,
                     Err(err) => {
                         let _ = tx.send(Err(err));
                         return;
                     }
                 };
-                let _ = tx.send(Ok(waker.clone()));
-                pin_to_cpu(qid);
-                let queue = Queue {
-                    fuse_fd: fd,
-                    qid: qid as u16,
-                    waker,
-                    offload,
-                };
-                if let Err(err) = queue.serve(&event_loop, depth, payload) {
-                    error!("FUSE queue {qid}: {err}");
+                let _ = tx.send(Ok(queue.waker.clone()));
+                if let Err(err) = queue.serve(&event_loop, ring, entries) {
+                    error!("FUSE queue {qid} stopped: {err}");
                 }
             })?;
             queues.threads.push(thread);
@@ -408,20 +416,27 @@ struct Queue {
 }
 
 impl Queue {
-    fn serve<FS: Filesystem>(
-        &self,
-        event_loop: &SessionEventLoop<FS>,
-        depth: usize,
-        payload: usize,
-    ) -> io::Result<()> {
+    /// Makes the ring and registers `depth` entries with the kernel.
+    fn open(&self, depth: usize, payload: usize) -> io::Result<(Ring, Vec<Entry>)> {
         let mut ring: Ring = IoUring::builder()
             .setup_cqsize(2 * (depth as u32 + 1))
             .build(depth as u32 + 1)?;
-        let mut entries: Vec<Entry> = (0..depth).map(|_| Entry::new(payload)).collect();
+        let entries: Vec<Entry> = (0..depth).map(|_| Entry::new(payload)).collect();
         for (index, entry) in entries.iter().enumerate() {
             push(&mut ring, self.register_sqe(entry).user_data(index as u64))?;
         }
         self.arm_wake(&mut ring)?;
+        ring.submit()?;
+        Ok((ring, entries))
+    }
+
+    fn serve<FS: Filesystem>(
+        &self,
+        event_loop: &SessionEventLoop<FS>,
+        mut ring: Ring,
+        mut entries: Vec<Entry>,
+    ) -> io::Result<()> {
+        let depth = entries.len();
         let mut completed = Vec::with_capacity(depth + 1);
         loop {
             match ring.submit_and_wait(1) {
@@ -456,6 +471,13 @@ impl Queue {
                     }
                     // The connection ended (unmount or abort).
                     libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED | libc::ENODEV => {
+                        return Ok(());
+                    }
+                    // A refused registration turns the kernel's queues off:
+                    // requests go on through /dev/fuse.
+                    errno if entries[index].commit_id == 0 => {
+                        let err = io::Error::from_raw_os_error(errno);
+                        warn!("the kernel refused a FUSE io_uring queue ({err}): requests go through /dev/fuse");
                         return Ok(());
                     }
                     errno => return Err(io::Error::from_raw_os_error(errno)),
