@@ -102,7 +102,10 @@ for key in "${!samples[@]}"; do
 done
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
-echo "Machine: $(nproc) cores ($cpu), $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r), $(df -T "$work" | awk 'NR==2{print $2}') under $work; $runs runs (median); $((dirs * 500)) files in the tree."
+# What a FUSE request pays per wakeup on this machine (docs/ARCHITECTURE.md).
+cc -O2 -pthread bench/wakeup.c -o "$work/wakeup"
+read -r across one <<< "$("$work/wakeup")"
+echo "Machine: $(nproc) cores ($cpu), $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r), $(df -T "$work" | awk 'NR==2{print $2}') under $work; $runs runs (median); $((dirs * 500)) files in the tree; thread wakeup round trip $across µs across CPUs, $one µs on one."
 echo
 echo "| measure | native | ferry | ferry / native | ferry, /dev/fuse only | / native | bindfs | bindfs / native |"
 echo "|---|---|---|---|---|---|---|---|"
