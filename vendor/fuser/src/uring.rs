@@ -600,23 +600,21 @@ fn commit(entry: &mut Entry) {
     let Some(reply) = entry.slot.reply.lock().take() else {
         return;
     };
+    let (out, body) = reply.split_at(OUT_HEADER.min(reply.len()));
+    let fits = body.len() <= entry.iov[1].iov_len;
+    if fits {
+        entry.bytes()[FRONT..FRONT + body.len()].copy_from_slice(body);
+    }
     // SAFETY: the kernel is done with the entry until it is committed.
     let header = unsafe { &mut *entry.header.get() };
-    let body = reply.get(OUT_HEADER..).unwrap_or_default();
-    let capacity = entry.iov[1].iov_len;
-    header.in_out[..OUT_HEADER].copy_from_slice(&reply[..OUT_HEADER.min(reply.len())]);
-    if body.len() > capacity {
-        error!(
-            "FUSE reply of {} bytes does not fit the ring buffer",
-            body.len()
-        );
+    header.in_out[..out.len()].copy_from_slice(out);
+    if fits {
+        header.ent.payload_sz = body.len() as u32;
+    } else {
+        error!("a FUSE reply of {} bytes does not fit the ring buffer", body.len());
         header.in_out[..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
         header.in_out[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
         header.ent.payload_sz = 0;
-    } else {
-        entry.bytes()[FRONT..FRONT + body.len()].copy_from_slice(body);
-        let header = unsafe { &mut *entry.header.get() };
-        header.ent.payload_sz = body.len() as u32;
     }
     *entry.slot.spare.lock() = reply;
 }
