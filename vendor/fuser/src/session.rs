@@ -327,12 +327,7 @@ impl<FS: Filesystem> Session<FS> {
                     allowed,
                     session_owner,
                 };
-                Some(uring::Queues::start(
-                    make_loop,
-                    &ring_channel,
-                    RING_DEPTH,
-                    payload,
-                )?)
+                Some(uring::Queues::start(make_loop, RING_DEPTH, payload)?)
             }
             None => None,
         };
@@ -474,7 +469,12 @@ impl<FS: Filesystem> Session<FS> {
             {
                 if uring::available() {
                     let pages = usize::from(config.max_pages()) * page_size::get();
-                    self.ring_payload = Some(8192.max(config.max_write as usize).max(pages));
+                    // The kernel's floor for a payload buffer.
+                    self.ring_payload = Some(
+                        abi::consts::FUSE_MIN_READ_BUFFER
+                            .max(config.max_write as usize)
+                            .max(pages),
+                    );
                 } else {
                     warn!(
                         "io_uring is not available to this process: FUSE requests go through /dev/fuse"

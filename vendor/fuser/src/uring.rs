@@ -58,9 +58,9 @@ use io_uring::types;
 use log::error;
 use log::warn;
 use parking_lot::Mutex;
+use zerocopy::IntoBytes;
 
 use crate::Filesystem;
-use crate::channel::Channel;
 use crate::ll::Operation;
 use crate::reply::ReplyEmpty;
 use crate::request::RequestWithSender;
@@ -240,9 +240,7 @@ impl Entry {
     }
 
     fn bytes(&mut self) -> &mut [u8] {
-        let data = self.data.get_mut();
-        // SAFETY: a [u64] viewed as the bytes it holds.
-        unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast(), data.len() * 8) }
+        self.data.get_mut().as_mut_bytes()
     }
 }
 
@@ -286,7 +284,6 @@ impl Queues {
     /// reply the kernel was told of at FUSE_INIT).
     pub(crate) fn start<FS: Filesystem>(
         loops: impl Fn(String) -> SessionEventLoop<FS>,
-        ch: &Channel,
         depth: usize,
         payload: usize,
     ) -> io::Result<Queues> {
@@ -311,17 +308,14 @@ impl Queues {
                         let Ok(Offloaded { words, len, reply }) = next else {
                             return;
                         };
-                        // SAFETY: a [u64] viewed as the bytes it holds.
-                        let bytes =
-                            unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), len) };
-                        run(&event_loop, bytes, reply);
+                        run(&event_loop, &words.as_bytes()[..len], reply);
                     }
                 })?);
         }
         for qid in 0..cpus {
             let name = format!("fuser-ring-{qid}");
             let event_loop = loops(name.clone());
-            let fd = ch.as_fd().as_raw_fd();
+            let fd = event_loop.ch.as_fd().as_raw_fd();
             let offload = offload.clone();
             let (tx, rx) = std::sync::mpsc::channel();
             // The thread reports once its entries are handed to the kernel:
@@ -472,7 +466,9 @@ impl Queue {
                     // requests go on through /dev/fuse.
                     errno if entries[index].commit_id == 0 => {
                         let err = io::Error::from_raw_os_error(errno);
-                        warn!("the kernel refused a FUSE io_uring queue ({err}): requests go through /dev/fuse");
+                        warn!(
+                            "the kernel refused a FUSE io_uring queue ({err}): requests go through /dev/fuse"
+                        );
                         return Ok(());
                     }
                     errno => return Err(io::Error::from_raw_os_error(errno)),
@@ -527,13 +523,9 @@ impl Queue {
         bytes[start..FRONT].copy_from_slice(&front[..IN_HEADER + op_in]);
         let request = &bytes[start..FRONT + payload];
         if long {
-            let mut words = vec![0u64; request.len().div_ceil(8)];
-            // SAFETY: a [u64] viewed as the bytes it holds.
-            unsafe {
-                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), request.len())
-            }
-            .copy_from_slice(request);
             let len = request.len();
+            let mut words = vec![0u64; len.div_ceil(8)];
+            words.as_mut_bytes()[..len].copy_from_slice(request);
             if let Err(std::sync::mpsc::SendError(job)) =
                 self.offload.send(Offloaded { words, len, reply })
             {
@@ -588,11 +580,16 @@ fn run<FS: Filesystem>(event_loop: &SessionEventLoop<FS>, request: &[u8], reply:
 /// Answers a request that cannot be parsed with EIO: unanswered, it would
 /// hold its caller forever.
 fn refuse(reply: &RingReply, unique: u64) {
+    let _ = reply.send(&[IoSlice::new(&eio_header(unique))]);
+}
+
+/// A `fuse_out_header` answering request `unique` with EIO.
+fn eio_header(unique: u64) -> [u8; OUT_HEADER] {
     let mut out = [0u8; OUT_HEADER];
     out[..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
     out[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
     out[8..].copy_from_slice(&unique.to_ne_bytes());
-    let _ = reply.send(&[IoSlice::new(&out)]);
+    out
 }
 
 /// Copies the staged reply of `entry` into its buffers.
@@ -611,9 +608,11 @@ fn commit(entry: &mut Entry) {
     if fits {
         header.ent.payload_sz = body.len() as u32;
     } else {
-        error!("a FUSE reply of {} bytes does not fit the ring buffer", body.len());
-        header.in_out[..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
-        header.in_out[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+        error!(
+            "a FUSE reply of {} bytes does not fit the ring buffer",
+            body.len()
+        );
+        header.in_out[..OUT_HEADER].copy_from_slice(&eio_header(entry.commit_id));
         header.ent.payload_sz = 0;
     }
     *entry.slot.spare.lock() = reply;
