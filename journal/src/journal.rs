@@ -89,6 +89,95 @@ pub(crate) struct Live {
     pub history: Option<crate::replication::History>,
 }
 
+/// How the mount met a file it did not hold yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Met {
+    /// The mount made it (create, mkdir, mknod, symlink).
+    Created,
+    /// A lookup or a listing found it.
+    Found,
+}
+
+impl Live {
+    /// The shared state of a file known to the table.
+    fn state(&mut self, id: FileId) -> Option<Arc<FileState>> {
+        let e = self.table.get(id)?;
+        let (dirty, rewritten) = (e.dirty, e.rewritten);
+        Some(
+            self.states
+                .entry(id)
+                .or_insert_with(|| Arc::new(FileState::new(id, dirty, rewritten)))
+                .clone(),
+        )
+    }
+
+    /// See [`Journal::identify`]. A known file at a known name, the case of
+    /// every lookup and listing, allocates nothing.
+    fn identify(&mut self, parent: FileId, name: &OsStr, key: InodeKey, kind: FileKind) -> FileId {
+        use std::os::unix::ffi::OsStrExt;
+        if let Some(id) = self.table.lookup(key)
+            && let Some(e) = self.table.get(id)
+            && e.kind == kind
+        {
+            let known = |(p, n): &(FileId, Name)| *p == parent && n.0 == name.as_bytes();
+            if e.names.iter().any(known) {
+                return id;
+            }
+            let name = Name::from_os(name);
+            let op = match (kind, e.names.first()) {
+                (FileKind::Dir, Some((p0, n0))) => Op::Rename {
+                    id,
+                    from_parent: *p0,
+                    from_name: n0.clone(),
+                    to_parent: parent,
+                    to_name: name,
+                    mode: RenameMode::Replace,
+                    replaced: None,
+                    origin: Origin::Reconcile,
+                },
+                _ => Op::Link {
+                    id,
+                    parent,
+                    name,
+                    origin: Origin::Reconcile,
+                },
+            };
+            Shared::emit_locked(self, op);
+            return id;
+        }
+        self.create(parent, name, key, kind, Origin::Reconcile)
+    }
+
+    /// See [`Journal::created`].
+    fn created(&mut self, parent: FileId, name: &OsStr, key: InodeKey, kind: FileKind) -> FileId {
+        self.create(parent, name, key, kind, Origin::Mount)
+    }
+
+    fn create(
+        &mut self,
+        parent: FileId,
+        name: &OsStr,
+        key: InodeKey,
+        kind: FileKind,
+        origin: Origin,
+    ) -> FileId {
+        let id = self.table.alloc_id();
+        // `apply` drops a stale mapping of `key` (a reused inode number).
+        Shared::emit_locked(
+            self,
+            Op::Create {
+                id,
+                parent,
+                name: Name::from_os(name),
+                kind,
+                key,
+                origin,
+            },
+        );
+        id
+    }
+}
+
 pub(crate) struct Shared {
     pub live: Mutex<Live>,
     pub progress: Arc<Progress>,
@@ -302,15 +391,25 @@ impl Journal {
 
     /// The shared state of a file known to the table.
     pub fn file_state(&self, id: FileId) -> Option<Arc<FileState>> {
+        self.shared.live.lock().state(id)
+    }
+
+    /// The shared state of a file the mount just met: one it made
+    /// (`created`) or one it found (`identify`), under one lock.
+    pub fn met(
+        &self,
+        how: Met,
+        parent: FileId,
+        name: &OsStr,
+        key: InodeKey,
+        kind: FileKind,
+    ) -> Arc<FileState> {
         let mut live = self.shared.live.lock();
-        let e = live.table.get(id)?;
-        let (dirty, rewritten) = (e.dirty, e.rewritten);
-        Some(
-            live.states
-                .entry(id)
-                .or_insert_with(|| Arc::new(FileState::new(id, dirty, rewritten)))
-                .clone(),
-        )
+        let id = match how {
+            Met::Created => live.created(parent, name, key, kind),
+            Met::Found => live.identify(parent, name, key, kind),
+        };
+        live.state(id).expect("the journal returns a live id")
     }
 
     /// The path relative to the source root ("" for the root), through the
@@ -328,68 +427,12 @@ impl Journal {
     /// `Create{Reconcile}`; a known inode at a name the table does not know
     /// gets a `Link` (a directory, which has one name, a `Rename`).
     pub fn identify(&self, parent: FileId, name: &OsStr, key: InodeKey, kind: FileKind) -> FileId {
-        let name = Name::from_os(name);
-        let mut live = self.shared.live.lock();
-        if let Some(id) = live.table.lookup(key)
-            && let Some(e) = live.table.get(id)
-            && e.kind == kind
-        {
-            if e.names.iter().any(|(p, n)| *p == parent && *n == name) {
-                return id;
-            }
-            let op = match (kind, e.names.first()) {
-                (FileKind::Dir, Some((p0, n0))) => Op::Rename {
-                    id,
-                    from_parent: *p0,
-                    from_name: n0.clone(),
-                    to_parent: parent,
-                    to_name: name,
-                    mode: RenameMode::Replace,
-                    replaced: None,
-                    origin: Origin::Reconcile,
-                },
-                _ => Op::Link {
-                    id,
-                    parent,
-                    name,
-                    origin: Origin::Reconcile,
-                },
-            };
-            Shared::emit_locked(&mut live, op);
-            return id;
-        }
-        let id = live.table.alloc_id();
-        Shared::emit_locked(
-            &mut live,
-            Op::Create {
-                id,
-                parent,
-                name,
-                kind,
-                key,
-                origin: Origin::Reconcile,
-            },
-        );
-        id
+        self.shared.live.lock().identify(parent, name, key, kind)
     }
 
     /// The mount created a file (any kind). It is dirty from birth.
     pub fn created(&self, parent: FileId, name: &OsStr, key: InodeKey, kind: FileKind) -> FileId {
-        let mut live = self.shared.live.lock();
-        let id = live.table.alloc_id();
-        // `apply` drops a stale mapping of `key` (a reused inode number).
-        Shared::emit_locked(
-            &mut live,
-            Op::Create {
-                id,
-                parent,
-                name: Name::from_os(name),
-                kind,
-                key,
-                origin: Origin::Mount,
-            },
-        );
-        id
+        self.shared.live.lock().created(parent, name, key, kind)
     }
 
     pub fn linked(&self, id: FileId, parent: FileId, name: &OsStr) {

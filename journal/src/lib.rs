@@ -43,7 +43,7 @@ pub use changeset::{
 };
 pub use error::JournalError;
 pub use id::{FileId, FileKind, InodeKey, Seq};
-pub use journal::{Journal, OpenOptions, Recovery, Status};
+pub use journal::{Journal, Met, OpenOptions, Recovery, Status};
 pub use reader::{PathTracker, read_records, summarize};
 pub use record::{AttrChange, ByteRange, Name, Op, Origin, Record, RenameMode, Timestamp};
 pub use replication::{Frozen, Pending as PendingChanges};

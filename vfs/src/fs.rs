@@ -17,20 +17,23 @@
 //! as root and performs what the kernel has already allowed, then gives new
 //! files the caller's ownership.
 
-use std::ffi::OsStr;
+use std::ffi::{CStr, OsStr};
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use journal::{AttrChange, FileId, FileKind, InodeKey, Journal, Origin, RenameMode, Timestamp};
+use journal::{
+    AttrChange, FileId, FileKind, InodeKey, Journal, Met, Origin, RenameMode, Timestamp,
+};
 use nix::errno::Errno;
 use parking_lot::Mutex;
 
 use crate::handles::HandleTable;
-use crate::inode::{Inode, InodeTable, ROOT_NODE};
+use crate::inode::{Backing, Inode, InodeTable, ROOT_NODE};
 use crate::open::{BackingToken, IoPath};
+use crate::statahead::{Statahead, Subdir};
 use crate::sys;
 
 pub type FsResult<T> = Result<T, Errno>;
@@ -122,6 +125,7 @@ pub struct JournalingFs {
     files: HandleTable<FileHandle>,
     dirs: HandleTable<DirHandle>,
     invalidate_attrs: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    statahead: Statahead,
 }
 
 impl JournalingFs {
@@ -141,6 +145,7 @@ impl JournalingFs {
             files: HandleTable::new(),
             dirs: HandleTable::new(),
             invalidate_attrs: std::sync::OnceLock::new(),
+            statahead: Statahead::start()?,
         })
     }
 
@@ -177,7 +182,35 @@ impl JournalingFs {
     ) -> FsResult<(Arc<Inode>, libc::stat)> {
         let c = sys::cname(name)?;
         let fd = sys::open_path_at(dir.fd()?.as_fd(), &c)?;
-        self.reference_fd(dir, name, fd, false)
+        self.reference_fd(dir, name, fd, Met::Found)
+    }
+
+    /// Takes a kernel reference on the inode at `dir/name` for a listing,
+    /// without opening it where a handle can reopen it later.
+    fn reference_listed(
+        &self,
+        dir: &Arc<Inode>,
+        dir_fd: BorrowedFd<'_>,
+        name: &CStr,
+    ) -> FsResult<(Arc<Inode>, libc::stat)> {
+        let st = sys::stat_at(dir_fd, name)?;
+        let key = key_of(&st);
+        let kind = kind_of(&st)?;
+        let handle = match self.inodes.reopens_by_handle(key) {
+            true => sys::name_to_handle_at(dir_fd, name)?,
+            false => None,
+        };
+        let Some(handle) = handle else {
+            let fd = sys::open_path_at(dir_fd, name)?;
+            return self.reference_fd(dir, OsStr::from_bytes(name.to_bytes()), fd, Met::Found);
+        };
+        let name = OsStr::from_bytes(name.to_bytes());
+        let inode = self
+            .inodes
+            .reference(key, kind, Backing::Handle(handle), || {
+                self.journal.met(Met::Found, dir.file.id(), name, key, kind)
+            })?;
+        Ok((inode, st))
     }
 
     /// Takes a kernel reference on the inode `fd` opens at `dir/name`. The
@@ -188,19 +221,13 @@ impl JournalingFs {
         dir: &Arc<Inode>,
         name: &OsStr,
         fd: OwnedFd,
-        created: bool,
+        how: Met,
     ) -> FsResult<(Arc<Inode>, libc::stat)> {
         let st = sys::stat_fd(fd.as_fd())?;
         let key = key_of(&st);
         let kind = kind_of(&st)?;
-        let inode = self.inodes.reference(key, kind, fd, || {
-            let id = match created {
-                true => self.journal.created(dir.file.id(), name, key, kind),
-                false => self.journal.identify(dir.file.id(), name, key, kind),
-            };
-            self.journal
-                .file_state(id)
-                .expect("the journal returns a live id")
+        let inode = self.inodes.reference(key, kind, Backing::Fd(fd), || {
+            self.journal.met(how, dir.file.id(), name, key, kind)
         })?;
         Ok((inode, st))
     }
@@ -399,7 +426,7 @@ impl JournalingFs {
     ) -> FsResult<Entry> {
         let fd = sys::open_path_at(dir.fd()?.as_fd(), c)?;
         self.give_to_caller(dir, &fd, caller, mode)?;
-        let (inode, st) = self.reference_fd(dir, name, fd, true)?;
+        let (inode, st) = self.reference_fd(dir, name, fd, Met::Created)?;
         Ok(self.entry_of(&inode, st))
     }
 
@@ -558,7 +585,7 @@ impl JournalingFs {
         };
         let fd = sys::open_path_at(dir.fd()?.as_fd(), &c)?;
         self.give_to_caller(&dir, &fd, caller, Some(perm))?;
-        let (inode, st) = self.reference_fd(&dir, name, fd, true)?;
+        let (inode, st) = self.reference_fd(&dir, name, fd, Met::Created)?;
         let opened = self.open_inode(caller, &inode, flags, true, Some(file), register);
         self.entry_and_open(inode, st, opened)
     }
@@ -866,6 +893,29 @@ impl JournalingFs {
         add: &mut dyn FnMut(DirItem<'_>) -> bool,
     ) -> FsResult<()> {
         let handle = self.dirs.get(fh).ok_or(Errno::EBADF)?;
+        let mut subdirs = Vec::new();
+        let listed = self.list(&handle, offset, plus, add, &mut subdirs);
+        // A program that asks for attributes with the names is likely
+        // walking the tree: read the subdirectories ahead.
+        self.statahead.ahead(subdirs);
+        listed
+    }
+
+    /// `readdir` proper; with `plus`, the subdirectories handed over are
+    /// added to `subdirs`.
+    fn list(
+        &self,
+        handle: &DirHandle,
+        offset: i64,
+        plus: bool,
+        add: &mut dyn FnMut(DirItem<'_>) -> bool,
+        subdirs: &mut Vec<Subdir>,
+    ) -> FsResult<()> {
+        // Entries are looked up beneath the directory's own descriptor.
+        let dir_fd = match plus {
+            true => Some(handle.inode.fd()?),
+            false => None,
+        };
         let mut guard = handle.stream.lock();
         let s = &mut *guard;
         if offset != s.position {
@@ -891,11 +941,20 @@ impl JournalingFs {
                 }
             }
             let e = &s.entries[s.next];
-            let name = OsStr::from_bytes(&e.name);
-            let dot = e.name == b"." || e.name == b"..";
-            let (ino, kind, entry) = if plus && !dot {
-                match self.reference_child(&handle.inode, name) {
-                    Ok((inode, st)) => (inode.node, inode.kind, Some(self.entry_of(&inode, st))),
+            let name = OsStr::from_bytes(e.name.as_bytes());
+            let dot = name == "." || name == "..";
+            let (ino, kind, entry) = if let Some(dir_fd) = dir_fd.as_ref().filter(|_| !dot) {
+                match self.reference_listed(&handle.inode, dir_fd.as_fd(), &e.name) {
+                    Ok((inode, st)) => {
+                        if inode.kind == FileKind::Dir {
+                            subdirs.push(Subdir {
+                                parent: dir_fd.clone(),
+                                name: e.name.clone(),
+                                key: inode.key,
+                            });
+                        }
+                        (inode.node, inode.kind, Some(self.entry_of(&inode, st)))
+                    }
                     // Gone since the listing was read: skip it, as a fresh listing would.
                     Err(Errno::ENOENT) => {
                         s.position = e.next_offset;
@@ -905,7 +964,7 @@ impl JournalingFs {
                     Err(err) => return stop(err, added),
                 }
             } else {
-                let ino = if dot && e.name == b"." {
+                let ino = if name == "." {
                     handle.inode.node
                 } else {
                     e.ino
@@ -914,7 +973,7 @@ impl JournalingFs {
             };
             let referenced = entry.as_ref().map(|en| en.node);
             let item = DirItem {
-                name: &e.name,
+                name: e.name.as_bytes(),
                 ino,
                 kind,
                 next_offset: e.next_offset,
@@ -995,4 +1054,44 @@ fn kind_of_dtype(t: u8) -> FileKind {
 fn journal_errno(err: journal::JournalError) -> Errno {
     tracing::error!(%err, "journal failure; refusing the change");
     Errno::EIO
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listing pairs a stat and a handle taken by name: were the name
+    /// replaced in between, the handle would name another inode. A reopen
+    /// by handle must then refuse, not serve the other file under this node.
+    #[test]
+    fn a_handle_that_names_another_inode_is_never_reopened() {
+        let src = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("a"), b"a").unwrap();
+        std::fs::write(src.path().join("b"), b"b").unwrap();
+        let options = journal::OpenOptions::default();
+        let (journal, _) = Journal::open(state.path(), src.path(), &options).unwrap();
+        let fs = JournalingFs::new(src.path(), journal.clone()).unwrap();
+        let root = fs.inode(ROOT_NODE).unwrap();
+        let root_fd = root.fd().unwrap();
+        let st_a = sys::stat_at(root_fd.as_fd(), c"a").unwrap();
+        let handle_b = sys::name_to_handle_at(root_fd.as_fd(), c"b")
+            .unwrap()
+            .expect("the test filesystem makes handles");
+        let key = key_of(&st_a);
+        let inode = fs
+            .inodes
+            .reference(key, FileKind::File, Backing::Handle(handle_b), || {
+                journal.met(
+                    Met::Found,
+                    FileId::ROOT,
+                    OsStr::new("a"),
+                    key,
+                    FileKind::File,
+                )
+            })
+            .unwrap();
+        assert_eq!(inode.fd().err(), Some(Errno::ESTALE));
+        journal.close().unwrap();
+    }
 }

@@ -47,9 +47,29 @@ pub struct Inode {
     lookups: Mutex<u64>,
 }
 
+/// What a new reference is made from.
+pub enum Backing {
+    /// A fresh `O_PATH` descriptor of the inode.
+    Fd(OwnedFd),
+    /// The handle alone, for an inode that `reopens_by_handle`: a listing
+    /// references many inodes that nothing will open, and a descriptor
+    /// each would cost an open and, once the cache is full, a close.
+    Handle(FileHandle),
+}
+
 /// An `O_PATH` descriptor of an inode, valid while this value lives even if
 /// the cache evicts it meanwhile.
+#[derive(Clone)]
 pub struct PathFd(Arc<OwnedFd>);
+
+#[cfg(test)]
+impl PathFd {
+    pub fn open(path: &std::path::Path) -> PathFd {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        PathFd(Arc::new(sys::open_path(&c).unwrap()))
+    }
+}
 
 impl AsFd for PathFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
@@ -68,7 +88,14 @@ impl Inode {
             .handle
             .as_ref()
             .expect("only inodes with a handle lose their descriptor");
-        let fd = Arc::new(sys::open_by_handle(self.cache.mount.as_fd(), handle)?);
+        let fd = sys::open_by_handle(self.cache.mount.as_fd(), handle)?;
+        // A handle taken by name beside a stat of that name (a listing's
+        // entries) names another inode if the name was replaced in between:
+        // never serve that one under this node.
+        if crate::fs::key_of(&sys::stat_fd(fd.as_fd())?) != self.key {
+            return Err(Errno::ESTALE);
+        }
+        let fd = Arc::new(fd);
         *slot = Some(fd.clone());
         drop(slot);
         self.cache.opened(self);
@@ -181,22 +208,33 @@ impl InodeTable {
         self.shard(node).read().get(&node).cloned()
     }
 
-    /// Adds one kernel reference to the inode that `fd` (a fresh `O_PATH`
-    /// descriptor) names, creating the entry with `make_file` if the kernel
-    /// did not know it.
+    /// Whether inodes with `key` can be reopened from a handle: handles are
+    /// opened through the root's filesystem, so an inode on another device
+    /// keeps its descriptor instead.
+    pub fn reopens_by_handle(&self, key: InodeKey) -> bool {
+        key.dev == self.root_key.dev
+    }
+
+    /// Adds one kernel reference to the inode `backing` names, creating the
+    /// entry with `make_file` if the kernel did not know it.
     pub fn reference(
         &self,
         key: InodeKey,
         kind: FileKind,
-        fd: OwnedFd,
+        backing: Backing,
         make_file: impl FnOnce() -> Arc<FileState>,
     ) -> Result<Arc<Inode>, Errno> {
-        // Handles are opened through the root's filesystem: an inode on
-        // another device keeps its descriptor instead.
-        let handle = match key.dev == self.root_key.dev {
-            true => sys::name_to_handle(fd.as_fd())?,
-            false => None,
+        let (fd, handle) = match backing {
+            Backing::Fd(fd) => {
+                let handle = match self.reopens_by_handle(key) {
+                    true => sys::name_to_handle(fd.as_fd())?,
+                    false => None,
+                };
+                (Some(fd), handle)
+            }
+            Backing::Handle(handle) => (None, Some(handle)),
         };
+        let holds_fd = fd.is_some();
         let node = self.node_of(key);
         let mut shard = self.shard(node).write();
         // The kernel counts lookups per node id: a node id that now names
@@ -230,7 +268,7 @@ impl InodeTable {
             key,
             kind,
             handle,
-            fd: Mutex::new(Some(Arc::new(fd))),
+            fd: Mutex::new(fd.map(Arc::new)),
             cache: self.cache.clone(),
             file: make_file(),
             open: Mutex::new(OpenState::default()),
@@ -238,7 +276,9 @@ impl InodeTable {
         });
         shard.insert(node, inode.clone());
         drop(shard);
-        self.cache.opened(&inode);
+        if holds_fd {
+            self.cache.opened(&inode);
+        }
         Ok(inode)
     }
 

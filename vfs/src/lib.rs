@@ -10,6 +10,7 @@ mod handles;
 mod inode;
 mod mount;
 mod open;
+mod statahead;
 mod sys;
 
 pub use fs::{Caller, DirItem, Entry, FsResult, JournalingFs, Opened, SetAttr, SetTime};

@@ -67,6 +67,22 @@ pub fn open_path_at(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<OwnedFd> {
     })
 }
 
+/// Opens the directory `dir/name` for listing, never following a symlink,
+/// and without updating its atime where the process may ask that (owner
+/// or CAP_FOWNER).
+pub fn open_dir_noatime(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<File> {
+    let open = |flags| {
+        // SAFETY: valid descriptor and NUL-terminated name.
+        owned(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) })
+    };
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let fd = match open(flags | libc::O_NOATIME) {
+        Err(Errno::EPERM) => open(flags),
+        other => other,
+    }?;
+    Ok(File::from(fd))
+}
+
 /// Opens a directory as an `O_PATH` handle.
 pub fn open_path(path: &CStr) -> SysResult<OwnedFd> {
     // SAFETY: NUL-terminated path.
@@ -107,18 +123,29 @@ const HANDLE_WORDS: usize = (8 + libc::MAX_HANDLE_SZ as usize) / 4;
 /// The file handle of the inode behind `fd`, or `None` when its filesystem
 /// does not make them.
 pub fn name_to_handle(fd: BorrowedFd<'_>) -> SysResult<Option<FileHandle>> {
+    handle_at(fd, c"", libc::AT_EMPTY_PATH)
+}
+
+/// The file handle of `dir/name` (never following a symlink), or `None`
+/// when its filesystem does not make them.
+pub fn name_to_handle_at(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<Option<FileHandle>> {
+    handle_at(dir, name, 0)
+}
+
+fn handle_at(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> SysResult<Option<FileHandle>> {
     let mut buf = vec![0u32; HANDLE_WORDS].into_boxed_slice();
     buf[0] = libc::MAX_HANDLE_SZ as u32;
     let mut mount_id: libc::c_int = 0;
     // SAFETY: the buffer is a `struct file_handle` whose `handle_bytes`
-    // (first word) says how much room follows the 8-byte header.
+    // (first word) says how much room follows the 8-byte header; the name
+    // is NUL-terminated.
     let ret = unsafe {
         libc::name_to_handle_at(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             buf.as_mut_ptr().cast::<libc::file_handle>(),
             &mut mount_id,
-            libc::AT_EMPTY_PATH,
+            flags,
         )
     };
     match check(ret) {
@@ -455,7 +482,7 @@ pub struct DirEntry {
     /// The cookie that resumes the stream right after this entry.
     pub next_offset: i64,
     pub kind: u8,
-    pub name: Vec<u8>,
+    pub name: CString,
 }
 
 /// Reads the next batch of entries of a directory opened for reading.
@@ -482,15 +509,12 @@ pub fn getdents(dir: &File, buf: &mut [u8], out: &mut Vec<DirEntry>) -> SysResul
         let reclen = u16::from_ne_bytes(rec[16..18].try_into().expect("2 bytes")) as usize;
         let kind = rec[18];
         let name_bytes = &rec[19..reclen];
-        let len = name_bytes
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(name_bytes.len());
+        let name = CStr::from_bytes_until_nul(name_bytes).map_err(|_| Errno::EIO)?;
         out.push(DirEntry {
             ino,
             next_offset: off,
             kind,
-            name: name_bytes[..len].to_vec(),
+            name: name.to_owned(),
         });
         pos += reclen;
     }
