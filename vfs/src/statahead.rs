@@ -36,8 +36,11 @@ use parking_lot::{Condvar, Mutex};
 use crate::inode::PathFd;
 use crate::sys;
 
-/// Directories waiting; past this the oldest are dropped.
-const MAX_QUEUED: usize = 4096;
+/// Directories waiting; past this the oldest are dropped. A walker needs
+/// only the next few, and each waiting directory keeps its parent's
+/// descriptor open: the descriptor cache leaves half the process's limit
+/// (at least 512) to everything else, this included.
+const MAX_QUEUED: usize = 128;
 /// Entries read ahead in one directory.
 const MAX_ENTRIES: usize = 4096;
 /// How long a directory read ahead is not queued again: its entries are in
