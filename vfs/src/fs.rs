@@ -200,22 +200,23 @@ impl JournalingFs {
             true => sys::name_to_handle_at(dir_fd, name)?,
             false => None,
         };
+        let os_name = OsStr::from_bytes(name.to_bytes());
         let Some(handle) = handle else {
             let fd = sys::open_path_at(dir_fd, name)?;
-            return self.reference_fd(dir, OsStr::from_bytes(name.to_bytes()), fd, Met::Found);
+            return self.reference_fd(dir, os_name, fd, Met::Found);
         };
-        let name = OsStr::from_bytes(name.to_bytes());
         let inode = self
             .inodes
             .reference(key, kind, Backing::Handle(handle), || {
-                self.journal.met(Met::Found, dir.file.id(), name, key, kind)
+                self.journal
+                    .met(Met::Found, dir.file.id(), os_name, key, kind)
             })?;
         Ok((inode, st))
     }
 
     /// Takes a kernel reference on the inode `fd` opens at `dir/name`. The
-    /// journal meets a file it does not know as `created` by this operation,
-    /// or else as found (`identify`: it appeared behind the mount's back).
+    /// journal meets a file it does not know as `how` says: made by this
+    /// operation, or found (it appeared behind the mount's back).
     fn reference_fd(
         &self,
         dir: &Arc<Inode>,
