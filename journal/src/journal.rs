@@ -148,11 +148,7 @@ impl Live {
         self.create(parent, name, key, kind, Origin::Reconcile)
     }
 
-    /// See [`Journal::created`].
-    fn created(&mut self, parent: FileId, name: &OsStr, key: InodeKey, kind: FileKind) -> FileId {
-        self.create(parent, name, key, kind, Origin::Mount)
-    }
-
+    /// A new id for a file the journal did not know, with its `Create`.
     fn create(
         &mut self,
         parent: FileId,
@@ -406,7 +402,7 @@ impl Journal {
     ) -> Arc<FileState> {
         let mut live = self.shared.live.lock();
         let id = match how {
-            Met::Created => live.created(parent, name, key, kind),
+            Met::Created => live.create(parent, name, key, kind, Origin::Mount),
             Met::Found => live.identify(parent, name, key, kind),
         };
         live.state(id).expect("the journal returns a live id")
@@ -432,7 +428,10 @@ impl Journal {
 
     /// The mount created a file (any kind). It is dirty from birth.
     pub fn created(&self, parent: FileId, name: &OsStr, key: InodeKey, kind: FileKind) -> FileId {
-        self.shared.live.lock().created(parent, name, key, kind)
+        self.shared
+            .live
+            .lock()
+            .create(parent, name, key, kind, Origin::Mount)
     }
 
     pub fn linked(&self, id: FileId, parent: FileId, name: &OsStr) {
