@@ -104,6 +104,7 @@
 //! seen.
 
 mod commit;
+mod direct;
 mod durable;
 mod fsops;
 mod stage;

@@ -37,6 +37,7 @@ use nix::unistd::symlinkat;
 use super::commit::{
     Entry, Meta, STAGING_BUCKET, Step, copy_meta, set_meta, staged_bucket, staged_name,
 };
+use super::direct::DirectWriter;
 use super::durable::PendingSync;
 use super::fsops::{Kind, Root, describe};
 use super::tree_cache::{Recorded, TreeCache};
@@ -192,6 +193,9 @@ pub struct Stager<'a> {
     linked: HashSet<u64>,
     next_id: u32,
     streamed: Option<Streamed>,
+    /// Writes the streamed file's data with `O_DIRECT` (made at the first
+    /// streamed file; inactive when the filesystem refuses it).
+    direct: Option<DirectWriter>,
     /// The operation being staged (frame number, name, path).
     index: u64,
     op: &'static str,
@@ -347,6 +351,7 @@ impl<'a> Stager<'a> {
             linked: HashSet::new(),
             next_id: 0,
             streamed: None,
+            direct: None,
             index: 0,
             op: "",
             path: RelPath::root(),
@@ -476,7 +481,7 @@ impl<'a> Stager<'a> {
             return false;
         };
         let have = s.content.end();
-        if have == 0 || s.content.out_of_order {
+        if have == 0 || s.content.out_of_order || self.finish_direct(&s.file).is_err() {
             return false;
         }
         let partial = Partial {
@@ -512,6 +517,16 @@ impl<'a> Stager<'a> {
                 tracing::warn!("keeping the partial file {}: {e}", s.path);
                 false
             }
+        }
+    }
+
+    /// Writes what the streamed file's direct writer still holds.
+    fn finish_direct(&mut self, file: &File) -> Result<(), ApplyError> {
+        match self.direct.as_mut().filter(|d| d.active()) {
+            Some(d) => d
+                .finish(file)
+                .map_err(|e| self.io("writing the staged file", e)),
+            None => Ok(()),
         }
     }
 
@@ -993,6 +1008,12 @@ impl<'a> Stager<'a> {
             Op::BeginFile { path, mode, size } => {
                 self.check_new(&path, false)?;
                 let (id, file) = self.create_staged_file_for(&path)?;
+                // Where O_DIRECT is refused, ordinary writes do.
+                if let Ok(direct) = self.open_staged(id, OFlag::O_WRONLY | OFlag::O_DIRECT) {
+                    self.direct
+                        .get_or_insert_with(DirectWriter::new)
+                        .begin(direct);
+                }
                 self.streamed = Some(Streamed {
                     file,
                     content: Hashed::default(),
@@ -1008,14 +1029,25 @@ impl<'a> Stager<'a> {
                 let mut s = self.streamed.take().expect("the reader checks the order");
                 self.path = s.path.clone();
                 self.charge_zeros(offset.saturating_sub(s.content.end()))?;
-                let written = data.for_each_piece(offset, |off, piece| {
-                    s.file.write_all_at(piece, off)?;
-                    s.content.piece(off, piece);
-                    Ok(())
-                });
-                // Start writing it back now: the sync before the commit
-                // then has less to wait for.
-                start_writeback(&s.file, offset, data.len());
+                let direct = self.direct.as_mut().filter(|d| d.active());
+                let written = match direct {
+                    Some(direct) => data.for_each_piece(offset, |off, piece| {
+                        direct.write_at(&s.file, piece, off)?;
+                        s.content.piece(off, piece);
+                        Ok(())
+                    }),
+                    None => {
+                        let written = data.for_each_piece(offset, |off, piece| {
+                            s.file.write_all_at(piece, off)?;
+                            s.content.piece(off, piece);
+                            Ok(())
+                        });
+                        // Start writing it back now: the sync before the
+                        // commit then has less to wait for.
+                        start_writeback(&s.file, offset, data.len());
+                        written
+                    }
+                };
                 self.streamed = Some(s);
                 written.map_err(|e| self.err(format!("writing the staged file: {e}")))?;
             }
@@ -1026,6 +1058,7 @@ impl<'a> Stager<'a> {
                 self.index = s.index;
                 self.check_new(&s.path, false)?;
                 self.charge_zeros(s.size.saturating_sub(s.content.end()))?;
+                self.finish_direct(&s.file)?;
                 let resumed = s.resumed;
                 let finished =
                     self.finish_file(&s.path, s.id, s.file, s.size, s.mode, result, s.content);

@@ -207,7 +207,7 @@ mod tests {
 
     #[test]
     fn names_sort_as_batches_apply_and_parse_back() {
-        let mut names = vec![
+        let mut names = [
             batch_file_name(100, 2000),
             batch_file_name(0, 9),
             batch_file_name(9, 100),
