@@ -36,7 +36,7 @@ use journal::{Changeset, ContentChange, FileChange, FileId, FileKind, Journal, N
 
 use super::cache::{ReplicaCopy, SignatureBuilder, cached_size, signature_of};
 use super::report::{Progress, PushError};
-use super::source::{Source, data_extents};
+use super::source::{Source, data_extents, xattrs_of};
 use crate::apply::Partial;
 use crate::batch::{
     Chunk, Content, Extent, Hash, NodeKind, Op, OpSink, RelPath, Timestamp, WriteRange,
@@ -253,6 +253,7 @@ impl Plan<'_> {
                 totals: Some(totals),
                 touched_parents: BTreeSet::new(),
                 full_metadata: HashSet::new(),
+                metadata_sent: HashSet::new(),
                 kept_used: HashSet::new(),
                 partial_used: false,
             };
@@ -305,7 +306,7 @@ impl Plan<'_> {
         // their times again.
         let parents = std::mem::take(&mut w.touched_parents);
         for (id, change) in &self.changes.files {
-            if change.exists_after {
+            if change.exists_after && !w.metadata_sent.contains(id) {
                 let full = change.created() || w.full_metadata.contains(id);
                 w.metadata(*id, full, Some(change), parents.contains(id))?;
             }
@@ -337,6 +338,8 @@ struct Writing<'p, 'o, S: OpSink> {
     touched_parents: BTreeSet<FileId>,
     /// Existing files sent anew: all their metadata goes too.
     full_metadata: HashSet<FileId>,
+    /// New files whose metadata went with their content.
+    metadata_sent: HashSet<FileId>,
     /// Kept content already named by a `CreateFromKept` (the replica holds
     /// one copy of each).
     kept_used: HashSet<Hash>,
@@ -533,9 +536,17 @@ impl<S: OpSink> Writing<'_, '_, S> {
         let basis = replaced
             .filter(|_| !self.plan.whole.contains(&id))
             .and_then(|old| self.plan.cache.get(&old));
-        let sent = self.with_file(id, |w, r, md| match basis {
-            Some(copy) => w.delta(id, path, r, md, copy, true),
-            None => w.full(id, path, r, md).map(|()| Sent::Full),
+        let sent = self.with_file(id, |w, r, md| {
+            let sent = match basis {
+                Some(copy) => w.delta(id, path, r, md, copy, true)?,
+                None => w.full(id, path, r, md).map(|()| Sent::Full)?,
+            };
+            // Its metadata goes now, from what is open, rather than after
+            // the batch's content, which would look the file up again.
+            let xattrs = xattrs_of(r.file).map_err(read_err(path))?;
+            w.all_metadata(id, path.clone(), md, xattrs)?;
+            w.metadata_sent.insert(id);
+            Ok(sent)
         })?;
         match sent {
             Some(Sent::Delta) => self.done.delta_files += 1,
@@ -999,63 +1010,48 @@ impl<S: OpSink> Writing<'_, '_, S> {
             return Ok(());
         };
         let path = rel(&path)?;
+        if full {
+            let xattrs = self
+                .plan
+                .source
+                .xattrs(&src)
+                .map_err(self.source_err(&src))?;
+            return self.all_metadata(id, path, &md, xattrs);
+        }
         let m = change.map(|c| &c.metadata);
-        let symlink = md.file_type().is_symlink();
-        if full || m.is_some_and(|m| m.owner) {
+        if m.is_some_and(|m| m.owner) {
             self.push(Op::Chown {
                 path: path.clone(),
                 uid: md.uid(),
                 gid: md.gid(),
             })?;
         }
-        // A new entry got its mode when it was made; only set-ID bits,
-        // which the chown before clears, need setting again.
-        let chmod = if full {
-            id == FileId::ROOT || perm(&md) & 0o6000 != 0
-        } else {
-            m.is_some_and(|m| m.mode || m.owner)
-        };
-        if !symlink && chmod {
+        if !md.file_type().is_symlink() && m.is_some_and(|m| m.mode || m.owner) {
             self.push(Op::Chmod {
                 path: path.clone(),
                 mode: perm(&md),
             })?;
         }
-        if full {
-            for (name, value) in self
+        for name in m.into_iter().flat_map(|m| &m.xattrs) {
+            let value = self
                 .plan
                 .source
-                .xattrs(&src)
-                .map_err(self.source_err(&src))?
-            {
-                self.push(Op::SetXattr {
+                .xattr(&src, &name.0)
+                .map_err(self.source_err(&src))?;
+            let op = match value {
+                Some(value) => Op::SetXattr {
                     path: path.clone(),
-                    name,
+                    name: name.0.clone(),
                     value,
-                })?;
-            }
-        } else if let Some(m) = m {
-            for name in &m.xattrs {
-                let value = self
-                    .plan
-                    .source
-                    .xattr(&src, &name.0)
-                    .map_err(self.source_err(&src))?;
-                let op = match value {
-                    Some(value) => Op::SetXattr {
-                        path: path.clone(),
-                        name: name.0.clone(),
-                        value,
-                    },
-                    None => Op::RemoveXattr {
-                        path: path.clone(),
-                        name: name.0.clone(),
-                    },
-                };
-                self.push(op)?;
-            }
+                },
+                None => Op::RemoveXattr {
+                    path: path.clone(),
+                    name: name.0.clone(),
+                },
+            };
+            self.push(op)?;
         }
-        if full || times || m.is_some_and(|m| m.times) {
+        if times || m.is_some_and(|m| m.times) {
             self.push(Op::Utimes {
                 path,
                 atime: time(md.atime(), md.atime_nsec()),
@@ -1063,5 +1059,41 @@ impl<S: OpSink> Writing<'_, '_, S> {
             })?;
         }
         Ok(())
+    }
+
+    /// All the metadata `md` and `xattrs` describe, for the entry `id` at
+    /// `path` (made by the batch, or sent anew). A new entry got its mode
+    /// when it was made; only set-ID bits, which the chown before clears,
+    /// need setting again (and the root's, which the batch does not make).
+    fn all_metadata(
+        &mut self,
+        id: FileId,
+        path: RelPath,
+        md: &Metadata,
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), PushError> {
+        self.push(Op::Chown {
+            path: path.clone(),
+            uid: md.uid(),
+            gid: md.gid(),
+        })?;
+        if !md.file_type().is_symlink() && (id == FileId::ROOT || perm(md) & 0o6000 != 0) {
+            self.push(Op::Chmod {
+                path: path.clone(),
+                mode: perm(md),
+            })?;
+        }
+        for (name, value) in xattrs {
+            self.push(Op::SetXattr {
+                path: path.clone(),
+                name,
+                value,
+            })?;
+        }
+        self.push(Op::Utimes {
+            path,
+            atime: time(md.atime(), md.atime_nsec()),
+            mtime: time(md.mtime(), md.mtime_nsec()),
+        })
     }
 }

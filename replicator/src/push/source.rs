@@ -3,15 +3,16 @@
 //! have been given to another file since the journal's records), never
 //! following a symlink at the last component.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use journal::InodeKey;
+use xattr::FileExt;
 
 pub(super) struct Source {
     root: PathBuf,
@@ -86,19 +87,32 @@ impl Source {
     /// Every extended attribute of `rel` (not following a symlink), by name.
     pub fn xattrs(&self, rel: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let path = self.path(rel);
-        let mut out = Vec::new();
-        for name in xattr::list(&path)? {
-            if let Some(v) = xattr::get(&path, &name)? {
-                out.push((name.as_bytes().to_vec(), v));
-            }
-        }
-        Ok(out)
+        named_values(xattr::list(&path)?, |name| xattr::get(&path, name))
     }
 
     /// One extended attribute of `rel`, `None` if it is not set.
     pub fn xattr(&self, rel: &Path, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
         xattr::get(self.path(rel), OsStr::from_bytes(name))
     }
+}
+
+/// Every extended attribute of the open `file`, by name.
+pub(super) fn xattrs_of(file: &File) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    named_values(file.list_xattr()?, |name| file.get_xattr(name))
+}
+
+/// The value of each of `names` that is still set.
+fn named_values(
+    names: impl Iterator<Item = OsString>,
+    get: impl Fn(&OsStr) -> io::Result<Option<Vec<u8>>>,
+) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for name in names {
+        if let Some(v) = get(&name)? {
+            out.push((name.into_vec(), v));
+        }
+    }
+    Ok(out)
 }
 
 /// The data extents of `file` (size `size`) as `(offset, len)`: everything
