@@ -349,18 +349,18 @@ pub fn run(root: &Root, staging: BorrowedFd<'_>, step: &Step) -> Result<(), Errn
                 return Ok(());
             }
             let p = root.parent(path)?;
-            set_meta(p.dir.as_fd(), &p.name, &p.proc_path(), *kind, meta)
+            set_meta(p.dir.as_fd(), &p.name, || p.proc_path(), *kind, meta)
         }
     }
 }
 
 /// Sets `meta` on the entry `name` of `dir` (`proc_path` names the same
-/// entry, for the xattr calls, which take only paths), not following a
-/// symlink.
+/// entry, for the xattr calls, which take only paths; made only for them),
+/// not following a symlink.
 pub fn set_meta(
     dir: BorrowedFd<'_>,
     name: &std::ffi::CStr,
-    proc_path: &std::path::Path,
+    proc_path: impl FnOnce() -> std::path::PathBuf,
     kind: Kind,
     meta: &Meta,
 ) -> Result<(), Errno> {
@@ -383,8 +383,8 @@ pub fn set_meta(
         Meta::Utimes(a, m) => {
             utimensat(dir, name, &ts(*a), &ts(*m), UtimensatFlags::NoFollowSymlink)
         }
-        Meta::SetXattr(n, v) => xattr::set(proc_path, OsStr::from_bytes(n), v).map_err(io_errno),
-        Meta::RemoveXattr(n) => match xattr::remove(proc_path, OsStr::from_bytes(n)) {
+        Meta::SetXattr(n, v) => xattr::set(proc_path(), OsStr::from_bytes(n), v).map_err(io_errno),
+        Meta::RemoveXattr(n) => match xattr::remove(proc_path(), OsStr::from_bytes(n)) {
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
             r => r.map_err(io_errno),
         },

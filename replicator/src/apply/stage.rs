@@ -1245,12 +1245,14 @@ impl<'a> Stager<'a> {
     /// privileges refuse is a warning, as in the commit.
     fn set_staged_meta(&mut self, id: u32, kind: Kind, meta: &Meta) {
         let name = self.location(id);
-        let proc_path = std::path::PathBuf::from(format!(
-            "/proc/self/fd/{}/{}",
-            self.staging.as_raw_fd(),
-            name.to_string_lossy()
-        ));
-        if let Err(e) = set_meta(self.staging.as_fd(), &name, &proc_path, kind, meta) {
+        let proc_path = || {
+            std::path::PathBuf::from(format!(
+                "/proc/self/fd/{}/{}",
+                self.staging.as_raw_fd(),
+                name.to_string_lossy()
+            ))
+        };
+        if let Err(e) = set_meta(self.staging.as_fd(), &name, proc_path, kind, meta) {
             self.warnings.push(format!(
                 "op {} ({} {}): {}",
                 self.index,
