@@ -145,7 +145,16 @@ impl SignatureBuilder {
     }
 
     pub fn add(&mut self, piece: &[u8]) {
-        let sig = Signature::calculate(piece, signature_options());
+        self.append(&Self::of_piece(piece));
+    }
+
+    /// The signature of one piece, for `append`.
+    pub fn of_piece(piece: &[u8]) -> Signature {
+        Signature::calculate(piece, signature_options())
+    }
+
+    /// Adds the signature of the next piece.
+    pub fn append(&mut self, sig: &Signature) {
         let s = sig.serialized();
         if self.bytes.is_empty() {
             self.bytes.extend_from_slice(s);
