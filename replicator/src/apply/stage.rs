@@ -1029,25 +1029,21 @@ impl<'a> Stager<'a> {
                 let mut s = self.streamed.take().expect("the reader checks the order");
                 self.path = s.path.clone();
                 self.charge_zeros(offset.saturating_sub(s.content.end()))?;
-                let direct = self.direct.as_mut().filter(|d| d.active());
-                let written = match direct {
-                    Some(direct) => data.for_each_piece(offset, |off, piece| {
-                        direct.write_at(&s.file, piece, off)?;
-                        s.content.piece(off, piece);
-                        Ok(())
-                    }),
-                    None => {
-                        let written = data.for_each_piece(offset, |off, piece| {
-                            s.file.write_all_at(piece, off)?;
-                            s.content.piece(off, piece);
-                            Ok(())
-                        });
-                        // Start writing it back now: the sync before the
-                        // commit then has less to wait for.
-                        start_writeback(&s.file, offset, data.len());
-                        written
+                let mut direct = self.direct.as_mut().filter(|d| d.active());
+                let len = data.len();
+                let written = data.for_each_piece(offset, |off, piece| {
+                    match &mut direct {
+                        Some(d) => d.write_at(&s.file, piece, off)?,
+                        None => s.file.write_all_at(piece, off)?,
                     }
-                };
+                    s.content.piece(off, piece);
+                    Ok(())
+                });
+                if direct.is_none() {
+                    // Start writing it back now: the sync before the
+                    // commit then has less to wait for.
+                    start_writeback(&s.file, offset, len);
+                }
                 self.streamed = Some(s);
                 written.map_err(|e| self.err(format!("writing the staged file: {e}")))?;
             }
