@@ -225,6 +225,105 @@ fn shared_mmap_writes_are_journaled() {
     );
 }
 
+/// How many of the first `len` bytes of `file` sit in its own page cache
+/// (`cachestat(2)`, Linux 6.5): for a file on the mount, the mount's cache.
+fn pages_cached(file: &std::fs::File, len: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct CacheStat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    // The x86-64 and generic syscall number; the libc crate lacks a name for it.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let range = Range { off: 0, len };
+    let mut stat = CacheStat::default();
+    // SAFETY: both pointers are to live structs of the layout the call takes.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut CacheStat,
+            0u32,
+        )
+    };
+    assert_eq!(rc, 0, "cachestat: {}", std::io::Error::last_os_error());
+    stat.nr_cache
+}
+
+#[test]
+fn in_place_writes_keep_no_second_copy_in_the_mounts_page_cache() {
+    const LEN: usize = 1 << 20;
+    let tm = TestMount::with_source(|s| std::fs::write(s.join("f"), vec![1u8; LEN]).unwrap());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tm.mnt.join("f"))
+        .unwrap();
+    f.write_all_at(&vec![2u8; LEN], 0).unwrap();
+    let mut back = vec![0u8; LEN];
+    f.read_exact_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 2), "read back what was written");
+    // The bytes are in the source's page cache, through ferry's pwrite; the
+    // mount's own cache would be a second copy of them.
+    assert_eq!(pages_cached(&f, LEN as u64), 0);
+    drop(f);
+    tm.umount();
+    assert_eq!(std::fs::read(tm.source.join("f")).unwrap(), vec![2u8; LEN]);
+}
+
+#[test]
+fn a_shared_mapping_and_in_place_writes_see_each_other() {
+    let tm = TestMount::with_source(|s| std::fs::write(s.join("m"), vec![0u8; 8192]).unwrap());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tm.mnt.join("m"))
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: mapping 8192 bytes of an open 8192-byte file; unmapped below,
+    // and read or written only within those bytes.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        let map = std::slice::from_raw_parts_mut(p as *mut u8, 8192);
+        assert_eq!(map[100], 0, "the mapping is read before the write");
+        // A write through the descriptor reaches the mapping...
+        file.write_all_at(&[5u8; 10], 100).unwrap();
+        assert_eq!(&map[100..110], &[5u8; 10]);
+        // ...and a store into the mapping, not yet synced, reaches a read.
+        map[6000..6010].fill(6);
+        let mut back = [0u8; 10];
+        file.read_exact_at(&mut back, 6000).unwrap();
+        assert_eq!(back, [6u8; 10]);
+        libc::munmap(p, 8192);
+    }
+    drop(file);
+    tm.umount();
+    let content = std::fs::read(tm.source.join("m")).unwrap();
+    assert_eq!(
+        (&content[100..110], &content[6000..6010]),
+        (&[5u8; 10][..], &[6u8; 10][..])
+    );
+}
+
 #[test]
 fn renaming_a_directory_is_one_rename_and_keeps_the_children_ids() {
     let tm = TestMount::with_source(|s| {

@@ -32,6 +32,9 @@ pub struct FuseAdapter {
     fs: Arc<JournalingFs>,
     passthrough: Arc<AtomicBool>,
     io_uring: bool,
+    /// Set at init: handles whose reads and writes come to ferry bypass the
+    /// kernel's page cache (`fopen_flags`).
+    uncached_journaled: bool,
 }
 
 impl FuseAdapter {
@@ -42,6 +45,7 @@ impl FuseAdapter {
             fs,
             passthrough,
             io_uring,
+            uncached_journaled: false,
         }
     }
 }
@@ -172,12 +176,21 @@ fn entry_reply(result: Result<crate::fs::Entry, nix::errno::Errno>, reply: Reply
     }
 }
 
-fn fopen_flags(opened: &Opened) -> FopenFlags {
-    if opened.needs_flush {
+/// The open flags of a reply. `uncached_journaled`: a handle whose io comes
+/// to ferry skips the kernel's page cache (FOPEN_DIRECT_IO). ferry's own
+/// pread and pwrite go through the backing file's page cache, so a cached
+/// handle would hold every byte it touches twice, and fill the second copy
+/// at the caller's expense (docs/ARCHITECTURE.md, "How a file is open").
+fn fopen_flags(opened: &Opened, uncached_journaled: bool) -> FopenFlags {
+    let mut flags = if opened.needs_flush {
         FopenFlags::empty()
     } else {
         FopenFlags::FOPEN_NOFLUSH
+    };
+    if uncached_journaled && opened.passthrough.is_none() {
+        flags |= FopenFlags::FOPEN_DIRECT_IO;
     }
+    flags
 }
 
 fn backing(token: &BackingToken) -> &BackingId {
@@ -215,6 +228,13 @@ impl Filesystem for FuseAdapter {
             tracing::warn!("kernel FUSE passthrough unavailable: all file I/O goes through ferry");
         }
         self.passthrough.store(passthrough, Ordering::Release);
+        // Uncached handles may still be mapped shared only with this flag
+        // (Linux 6.6); without passthrough every read comes to ferry, and
+        // the kernel's cache is then what keeps reads fast.
+        self.uncached_journaled = passthrough
+            && config
+                .add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+                .is_ok();
         // Requests then reach a thread on the CPU that made them, which
         // saves a cross-CPU wakeup each way (docs/ARCHITECTURE.md).
         if self.io_uring {
@@ -379,7 +399,7 @@ impl Filesystem for FuseAdapter {
         );
         match result {
             Ok(opened) => {
-                let flags = fopen_flags(&opened);
+                let flags = fopen_flags(&opened, self.uncached_journaled);
                 match &opened.passthrough {
                     Some(token) => {
                         reply.opened_passthrough(FileHandle(opened.fh), flags, backing(token))
@@ -615,7 +635,7 @@ impl Filesystem for FuseAdapter {
                 let (attr, fh, flags) = (
                     attr(&entry.attr),
                     FileHandle(opened.fh),
-                    fopen_flags(&opened),
+                    fopen_flags(&opened, self.uncached_journaled),
                 );
                 match &opened.passthrough {
                     Some(token) => reply.created_passthrough(
