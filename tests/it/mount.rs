@@ -646,24 +646,46 @@ fn read_only_truncate_and_self_exchange_match_native() {
 
 /// The voluntary context switches of each of the mount's io_uring queue
 /// threads (`fuser-ring-N`): one per wait for the next request.
-fn queue_thread_switches(pid: i32) -> Vec<u64> {
+/// The mount's queue threads (`fuser-ring-N`): the directory of each under
+/// /proc.
+fn queue_threads(pid: i32) -> Vec<std::path::PathBuf> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list the mount's threads");
-    let mut switches = Vec::new();
-    for task in tasks {
-        let dir = task.expect("task entry").path();
-        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !name.starts_with("fuser-ring-") {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).expect("thread status");
-        let count = status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|n| n.trim().parse().ok())
-            .expect("voluntary_ctxt_switches");
-        switches.push(count);
-    }
-    switches
+    tasks
+        .map(|task| task.expect("task entry").path())
+        .filter(|dir| {
+            std::fs::read_to_string(dir.join("comm")).is_ok_and(|n| n.starts_with("fuser-ring-"))
+        })
+        .collect()
+}
+
+/// How many times each queue thread has been switched in.
+fn queue_thread_switches(pid: i32) -> Vec<u64> {
+    queue_threads(pid)
+        .iter()
+        .map(|dir| {
+            let status = std::fs::read_to_string(dir.join("status")).expect("thread status");
+            let count = |field: &str| -> u64 {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("{field} in {status}"))
+            };
+            count("voluntary_ctxt_switches:") + count("nonvoluntary_ctxt_switches:")
+        })
+        .collect()
+}
+
+/// A thread's scheduling policy: field 41 of its `stat`.
+fn scheduling_policy(thread: &Path) -> i32 {
+    let stat = std::fs::read_to_string(thread.join("stat")).expect("thread stat");
+    // The name (field 2) may hold spaces; the fields after it do not.
+    let after_name = &stat[stat.rfind(')').expect("stat has a name") + 2..];
+    after_name
+        .split(' ')
+        .nth(41 - 3)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no policy in {stat}"))
 }
 
 /// Where the kernel offers FUSE over io_uring (`scripts/setup` turns it on,
@@ -685,6 +707,13 @@ fn requests_are_served_by_per_cpu_io_uring_queues_when_the_kernel_offers_them() 
         return;
     }
     let tm = TestMount::new();
+    for thread in queue_threads(tm.pid()) {
+        assert_eq!(
+            scheduling_policy(&thread),
+            libc::SCHED_IDLE,
+            "{thread:?}: queue threads run at SCHED_IDLE to keep callers on their CPU"
+        );
+    }
     let before = queue_thread_switches(tm.pid());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert!(
@@ -699,7 +728,7 @@ fn requests_are_served_by_per_cpu_io_uring_queues_when_the_kernel_offers_them() 
     let served: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
     assert!(
         served >= 50,
-        "the queue threads woke {served} times for 50 files created"
+        "the queue threads ran {served} times for 50 files created"
     );
     tm.umount();
 
@@ -709,4 +738,46 @@ fn requests_are_served_by_per_cpu_io_uring_queues_when_the_kernel_offers_them() 
         std::fs::read(tm.mnt.join("f49")).expect("read back"),
         b"through the queues"
     );
+}
+
+/// The queue threads run at `SCHED_IDLE`; busy threads on every CPU must
+/// not starve them. Starved, each request would wait for the busy loops'
+/// time slices to run out; the bound below is a thousand times what the
+/// lookups take.
+#[test]
+fn requests_are_served_while_every_cpu_is_busy() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tm = TestMount::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let busy: Vec<_> = (0..cpus)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    let mut served = 0;
+    for i in 0..2000 {
+        let missing = tm.mnt.join(format!("missing{i}"));
+        assert_eq!(
+            std::fs::metadata(&missing).map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        served += 1;
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for thread in busy {
+        thread.join().expect("busy thread");
+    }
+    assert_eq!(served, 2000, "lookups served in 60 s beside busy loops");
+    tm.umount();
 }
