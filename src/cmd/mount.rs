@@ -284,9 +284,15 @@ fn serve(plan: &Plan, ready: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
             let signal = signals.wait();
             let _ = stop_tx.send(signal);
         })?;
+    // The session ends by itself when unmounted from outside, or with an
+    // error when it could no longer serve (its connection is then aborted).
+    let mut failed = None;
     crossbeam_channel::select! {
         recv(stop_rx) -> signal => tracing::info!(?signal, "stopping"),
-        recv(mounted.ended()) -> _ => tracing::info!("unmounted from outside"),
+        recv(mounted.ended()) -> ended => match ended {
+            Ok(Err(err)) => failed = Some(err),
+            _ => tracing::info!("unmounted from outside"),
+        },
     }
     // No new pushes; one already running finishes before the journal
     // closes (it reads the source, not the mount).
@@ -296,6 +302,12 @@ fn serve(plan: &Plan, ready: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     drop(fs);
     journal.close().context("closing the journal")?;
     let _ = std::fs::remove_file(&pid_file);
+    if let Some(err) = failed {
+        anyhow::bail!(
+            "the mount at {} stopped serving: {err}",
+            plan.mountpoint.display()
+        );
+    }
     unmounted.context("unmounting")?;
     Ok(())
 }

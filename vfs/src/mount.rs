@@ -19,8 +19,6 @@ use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use crate::fs::JournalingFs;
 use crate::fuse::FuseAdapter;
 
-const FUSECTL: &str = "/sys/fs/fuse/connections";
-
 /// How long to wait for the session to end once its connection was aborted.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -157,21 +155,7 @@ impl Mounted {
 
     fn abort(&self) {
         let Some(id) = self.connection else { return };
-        let dir = Path::new(FUSECTL);
-        if std::fs::read_dir(dir)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(true)
-        {
-            // fusectl is not mounted on every system; it is needed only here.
-            let _ = nix::mount::mount(
-                Some("fusectl"),
-                dir,
-                Some("fusectl"),
-                nix::mount::MsFlags::empty(),
-                None::<&str>,
-            );
-        }
-        if let Err(err) = std::fs::write(dir.join(id.to_string()).join("abort"), "1") {
+        if let Err(err) = fuser::abort_connection(id) {
             tracing::error!(%err, id, "could not abort the FUSE connection");
         }
     }

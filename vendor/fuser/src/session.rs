@@ -145,6 +145,9 @@ pub struct Session<FS: Filesystem> {
     pub(crate) config: Config,
     /// The payload size of the io_uring queues, when FUSE_INIT enabled them.
     pub(crate) ring_payload: Option<usize>,
+    /// Where the session is mounted (`None` for a session made from a
+    /// descriptor): a failing io_uring queue ends the connection found there.
+    mountpoint: Option<std::path::PathBuf>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -193,6 +196,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config: options.clone(),
             ring_payload: None,
+            mountpoint: Some(mountpoint.to_path_buf()),
         };
 
         session.handshake()?;
@@ -222,6 +226,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config,
             ring_payload: None,
+            mountpoint: None,
         };
 
         session.handshake()?;
@@ -261,6 +266,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: _,
             config,
             ring_payload,
+            mountpoint,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -327,7 +333,9 @@ impl<FS: Filesystem> Session<FS> {
                     allowed,
                     session_owner,
                 };
-                Some(uring::Queues::start(make_loop, RING_DEPTH, payload)?)
+                Some(uring::Queues::start(
+                    make_loop, RING_DEPTH, payload, mountpoint,
+                )?)
             }
             None => None,
         };
@@ -348,7 +356,9 @@ impl<FS: Filesystem> Session<FS> {
         }
 
         if let Some(queues) = queues {
-            queues.stop();
+            if let Err(e) = queues.stop() {
+                reply = Err(e);
+            }
         }
 
         let Some(filesystem) = Arc::get_mut(&mut filesystem) else {

@@ -47,6 +47,7 @@ use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
 use std::os::fd::FromRawFd;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
@@ -64,6 +65,7 @@ use parking_lot::Mutex;
 use zerocopy::IntoBytes;
 
 use crate::Filesystem;
+use crate::fusectl;
 use crate::ll::Operation;
 use crate::reply::ReplyEmpty;
 use crate::request::RequestWithSender;
@@ -254,6 +256,8 @@ pub(crate) struct Queues {
     /// Closing it ends the workers.
     offload: Option<std::sync::mpsc::Sender<Offloaded>>,
     workers: Vec<JoinHandle<()>>,
+    /// Why a queue stopped serving, when one failed.
+    failure: Arc<Mutex<Option<io::Error>>>,
 }
 
 /// A request handed from a queue to a worker: its bytes (8-aligned, as
@@ -285,10 +289,13 @@ impl Queues {
     /// Starts one queue per possible CPU, each with `depth` entries whose
     /// payload buffers hold `payload` bytes (at least the largest request or
     /// reply the kernel was told of at FUSE_INIT).
+    /// A queue that fails ends the connection mounted at `mountpoint`
+    /// (fusectl's abort), and `stop` returns its error.
     pub(crate) fn start<FS: Filesystem>(
         loops: impl Fn(String) -> SessionEventLoop<FS>,
         depth: usize,
         payload: usize,
+        mountpoint: Option<PathBuf>,
     ) -> io::Result<Queues> {
         let cpus = possible_cpus()?;
         let (offload, offloaded) = std::sync::mpsc::channel::<Offloaded>();
@@ -298,6 +305,7 @@ impl Queues {
             threads: Vec::new(),
             offload: Some(offload.clone()),
             workers: Vec::new(),
+            failure: Arc::default(),
         };
         for n in 0..WORKERS {
             let name = format!("fuser-worker-{n}");
@@ -320,6 +328,8 @@ impl Queues {
             let event_loop = loops(name.clone());
             let fd = event_loop.ch.as_fd().as_raw_fd();
             let offload = offload.clone();
+            let mountpoint = mountpoint.clone();
+            let failure = queues.failure.clone();
             let (tx, rx) = std::sync::mpsc::channel();
             // The thread reports once its entries are handed to the kernel:
             // a queue that never registers would hold every request forever,
@@ -346,7 +356,19 @@ impl Queues {
                 };
                 let _ = tx.send(Ok(queue.waker.clone()));
                 if let Err(err) = queue.serve(&event_loop, ring, entries) {
-                    error!("FUSE queue {qid} stopped: {err}");
+                    // Nothing else serves this CPU's queue: its callers
+                    // would wait forever.
+                    error!("FUSE queue {qid} failed ({err}): ending the connection");
+                    let aborted = mountpoint
+                        .as_deref()
+                        .ok_or_else(|| io::Error::other("the session has no mountpoint"))
+                        .and_then(fusectl::connection_at)
+                        .and_then(fusectl::abort_connection);
+                    if let Err(err) = aborted {
+                        error!("ending the FUSE connection: {err}");
+                    }
+                    *failure.lock() =
+                        Some(io::Error::other(format!("FUSE queue {qid} failed: {err}")));
                 }
             })?;
             queues.threads.push(thread);
@@ -358,8 +380,9 @@ impl Queues {
         Ok(queues)
     }
 
-    /// Ends every queue thread and waits for them.
-    pub(crate) fn stop(mut self) {
+    /// Ends every queue thread and waits for them; the error of a queue
+    /// that failed.
+    pub(crate) fn stop(mut self) -> io::Result<()> {
         for waker in &self.wakers {
             waker.stop.store(true, Ordering::Release);
             waker.wake();
@@ -369,6 +392,10 @@ impl Queues {
             if thread.join().is_err() {
                 error!("a FUSE queue thread panicked");
             }
+        }
+        match self.failure.lock().take() {
+            Some(err) => Err(err),
+            None => Ok(()),
         }
     }
 }
