@@ -231,4 +231,9 @@ pub struct ServeArgs {
     /// The key file clients must hold too.
     #[arg(long, value_name = "FILE")]
     pub key_file: PathBuf,
+    /// How long an authenticated push may send nothing before it is ended
+    /// (its replica unlocked, nothing of an unfinished batch applied);
+    /// 0: never.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub idle_timeout: u64,
 }

@@ -1,5 +1,7 @@
 //! `ferry serve`: see `crate::remote::serve`.
 
+use std::time::Duration;
+
 use anyhow::Context;
 
 use crate::cli::ServeArgs;
@@ -12,5 +14,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("the replicas' directory {}", args.root.display()))?;
     let root = std::fs::canonicalize(&args.root)
         .with_context(|| format!("the replicas' directory {}", args.root.display()))?;
-    serve::run(&args.listen, root, key)
+    let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
+    serve::run(&args.listen, root, key, idle)
 }

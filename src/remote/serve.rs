@@ -6,7 +6,9 @@
 //! for long. An authenticated connection then runs the receiver (the
 //! applier is blocking filesystem work) on tokio's blocking pool, one
 //! thread per push: pushes to different replicas run at once, and two to
-//! the same replica take turns on its lock (`apply::Session`).
+//! the same replica take turns on its lock (`apply::Session`). A push that
+//! sends nothing for the idle timeout is ended, so that a stalled client
+//! holds neither a replica's lock nor the daemon's exit for long.
 //! SIGINT/SIGTERM stop the accepting; pushes under way finish.
 
 use std::net::SocketAddr;
@@ -27,16 +29,22 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest replica name.
 const MAX_NAME: usize = 128;
 
-/// Serves until SIGINT or SIGTERM.
-pub fn run(listen: &str, root: PathBuf, key: Key) -> anyhow::Result<()> {
+/// Serves until SIGINT or SIGTERM; `idle` bounds how long a push may send
+/// nothing (`None`: no bound).
+pub fn run(listen: &str, root: PathBuf, key: Key, idle: Option<Duration>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(serve(listen, Arc::new(root), Arc::new(key)))
+    runtime.block_on(serve(listen, Arc::new(root), Arc::new(key), idle))
 }
 
-async fn serve(listen: &str, root: Arc<PathBuf>, key: Arc<Key>) -> anyhow::Result<()> {
+async fn serve(
+    listen: &str,
+    root: Arc<PathBuf>,
+    key: Arc<Key>,
+    idle: Option<Duration>,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
@@ -53,7 +61,7 @@ async fn serve(listen: &str, root: Arc<PathBuf>, key: Arc<Key>) -> anyhow::Resul
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let (root, key) = (root.clone(), key.clone());
-                    connections.spawn(async move { connection(stream, peer, root, key).await });
+                    connections.spawn(async move { connection(stream, peer, root, key, idle).await });
                 }
                 Err(e) => {
                     // Out of descriptors or similar: keep serving, without
@@ -80,7 +88,13 @@ async fn serve(listen: &str, root: Arc<PathBuf>, key: Arc<Key>) -> anyhow::Resul
 }
 
 /// One connection: the handshake, then the receiver.
-async fn connection(mut stream: TcpStream, peer: SocketAddr, root: Arc<PathBuf>, key: Arc<Key>) {
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    root: Arc<PathBuf>,
+    key: Arc<Key>,
+    idle: Option<Duration>,
+) {
     let keys = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &key)).await {
         Ok(Ok(Some(keys))) => keys,
         Ok(Ok(None)) => {
@@ -99,6 +113,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, root: Arc<PathBuf>,
     let stream = match stream
         .into_std()
         .and_then(|s| s.set_nonblocking(false).map(|()| s))
+        .and_then(|s| s.set_read_timeout(idle).map(|()| s))
     {
         Ok(s) => s,
         Err(e) => {
@@ -106,7 +121,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, root: Arc<PathBuf>,
             return;
         }
     };
-    let received = tokio::task::spawn_blocking(move || receive(stream, &keys, &root)).await;
+    let received = tokio::task::spawn_blocking(move || receive(stream, &keys, &root, idle)).await;
     match received {
         Ok(Ok(r)) => eprintln!(
             "ferry: {peer}: {}: {} batch(es) applied, at seq {}",
@@ -151,13 +166,37 @@ fn receive(
     stream: std::net::TcpStream,
     keys: &SessionKeys,
     root: &Path,
+    idle: Option<Duration>,
 ) -> anyhow::Result<replicator::remote::Received> {
     let writer = stream.try_clone().context("duplicating the socket")?;
-    let reader: MacReader<std::net::TcpStream> = MacReader::new(stream, keys);
+    let reader = MacReader::new(Idle { stream, idle }, keys);
     let writer: MacWriter<std::net::TcpStream> = MacWriter::new(writer, keys);
     Ok(replicator::remote::receive(reader, writer, |name| {
         replica_dir(root, name)
     })?)
+}
+
+/// A client's stream whose read timeout (`idle`) says so when it expires,
+/// rather than "Resource temporarily unavailable".
+struct Idle {
+    stream: std::net::TcpStream,
+    idle: Option<Duration>,
+}
+
+impl std::io::Read for Idle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream
+            .read(buf)
+            .map_err(|e| match (e.kind(), self.idle) {
+                (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(idle)) => {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the client sent nothing for {} s", idle.as_secs_f64()),
+                    )
+                }
+                _ => e,
+            })
+    }
 }
 
 /// The replica directory `name` names under `root`, made if missing. A
@@ -185,7 +224,44 @@ fn replica_dir(root: &Path, name: &str) -> Result<PathBuf, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+
     use super::*;
+    use crate::remote::auth::client_handshake;
+
+    /// A client that authenticates and then says nothing is cut off once
+    /// the idle timeout has passed; without the timeout, the read below
+    /// would wait for its own 20 s limit and fail.
+    #[test]
+    fn a_push_that_sends_nothing_is_ended_after_the_idle_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, "0123456789abcdef0123").unwrap();
+        let key = Key::from_file(&key_file).unwrap();
+        let root = Arc::new(dir.path().to_path_buf());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let address = listener.local_addr().unwrap();
+        let daemon_key = Arc::new(key.clone());
+        let served = runtime.spawn(async move {
+            let (stream, peer) = listener.accept().await.unwrap();
+            let idle = Some(Duration::from_millis(200));
+            connection(stream, peer, root, daemon_key, idle).await;
+        });
+        let mut client = std::net::TcpStream::connect(address).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        client_handshake(&key, &mut client, "the test's daemon").unwrap();
+        // The receiver's greeting, then the end of the stream.
+        let mut rest = Vec::new();
+        let ended = client.read_to_end(&mut rest);
+        assert!(
+            ended.is_ok(),
+            "the daemon did not end the idle push: {ended:?}"
+        );
+        runtime.block_on(served).unwrap();
+    }
 
     #[test]
     fn replica_names_are_one_safe_component() {
