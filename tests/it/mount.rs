@@ -176,35 +176,77 @@ fn truncating_open_is_recorded_as_rewritten() {
     assert_eq!(std::fs::read(tm.source.join("f")).unwrap(), b"new");
 }
 
-#[test]
-fn shared_mmap_writes_are_journaled() {
-    let tm = TestMount::with_source(|s| std::fs::write(s.join("m"), vec![0u8; 8192]).unwrap());
+/// A mount whose source holds `name`, `len` zero bytes, and that file
+/// opened read-write through the mount.
+fn mount_with_open_file(name: &str, len: usize) -> (TestMount, std::fs::File) {
+    let tm = TestMount::with_source(|s| std::fs::write(s.join(name), vec![0u8; len]).unwrap());
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(tm.mnt.join("m"))
+        .open(tm.mnt.join(name))
         .unwrap();
-    use std::os::fd::AsRawFd;
-    // SAFETY: mapping 8192 bytes of an open 8192-byte file; unmapped below.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            8192,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        );
+    (tm, file)
+}
+
+/// A shared read-write mapping of the first `len` bytes of a file,
+/// unmapped on drop.
+struct SharedMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl SharedMap {
+    fn new(file: &std::fs::File, len: usize) -> SharedMap {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a new mapping of an open descriptor, which nothing else
+        // refers to.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
         assert_ne!(
             p,
             libc::MAP_FAILED,
             "mmap through the mount: {}",
             std::io::Error::last_os_error()
         );
-        std::ptr::write_bytes((p as *mut u8).add(5000), 9, 10);
-        assert_eq!(libc::msync(p, 8192, libc::MS_SYNC), 0);
-        libc::munmap(p, 8192);
+        SharedMap { ptr: p.cast(), len }
     }
+
+    /// The mapped bytes (the file must be at least `len` bytes long).
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, live until drop, and reached
+        // only through this borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    fn sync(&self) {
+        // SAFETY: the live mapping made in `new`.
+        let rc = unsafe { libc::msync(self.ptr.cast(), self.len, libc::MS_SYNC) };
+        assert_eq!(rc, 0, "msync: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, not used after this.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[test]
+fn shared_mmap_writes_are_journaled() {
+    let (tm, file) = mount_with_open_file("m", 8192);
+    let mut map = SharedMap::new(&file, 8192);
+    map.bytes()[5000..5010].fill(9);
+    map.sync();
+    drop(map);
     drop(file);
     tm.umount();
     assert_eq!(
@@ -264,12 +306,7 @@ fn pages_cached(file: &std::fs::File, len: u64) -> u64 {
 #[test]
 fn in_place_writes_keep_no_second_copy_in_the_mounts_page_cache() {
     const LEN: usize = 1 << 20;
-    let tm = TestMount::with_source(|s| std::fs::write(s.join("f"), vec![1u8; LEN]).unwrap());
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(tm.mnt.join("f"))
-        .unwrap();
+    let (tm, f) = mount_with_open_file("f", LEN);
     f.write_all_at(&vec![2u8; LEN], 0).unwrap();
     let mut back = vec![0u8; LEN];
     f.read_exact_at(&mut back, 0).unwrap();
@@ -284,37 +321,18 @@ fn in_place_writes_keep_no_second_copy_in_the_mounts_page_cache() {
 
 #[test]
 fn a_shared_mapping_and_in_place_writes_see_each_other() {
-    let tm = TestMount::with_source(|s| std::fs::write(s.join("m"), vec![0u8; 8192]).unwrap());
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(tm.mnt.join("m"))
-        .unwrap();
-    use std::os::fd::AsRawFd;
-    // SAFETY: mapping 8192 bytes of an open 8192-byte file; unmapped below,
-    // and read or written only within those bytes.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            8192,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
-        let map = std::slice::from_raw_parts_mut(p as *mut u8, 8192);
-        assert_eq!(map[100], 0, "the mapping is read before the write");
-        // A write through the descriptor reaches the mapping...
-        file.write_all_at(&[5u8; 10], 100).unwrap();
-        assert_eq!(&map[100..110], &[5u8; 10]);
-        // ...and a store into the mapping, not yet synced, reaches a read.
-        map[6000..6010].fill(6);
-        let mut back = [0u8; 10];
-        file.read_exact_at(&mut back, 6000).unwrap();
-        assert_eq!(back, [6u8; 10]);
-        libc::munmap(p, 8192);
-    }
+    let (tm, file) = mount_with_open_file("m", 8192);
+    let mut map = SharedMap::new(&file, 8192);
+    assert_eq!(map.bytes()[100], 0, "the mapping is read before the write");
+    // A write through the descriptor reaches the mapping...
+    file.write_all_at(&[5u8; 10], 100).unwrap();
+    assert_eq!(&map.bytes()[100..110], &[5u8; 10]);
+    // ...and a store into the mapping, not yet synced, reaches a read.
+    map.bytes()[6000..6010].fill(6);
+    let mut back = [0u8; 10];
+    file.read_exact_at(&mut back, 6000).unwrap();
+    assert_eq!(back, [6u8; 10]);
+    drop(map);
     drop(file);
     tm.umount();
     let content = std::fs::read(tm.source.join("m")).unwrap();
