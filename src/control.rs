@@ -35,12 +35,11 @@
 //! a journal with the checks every push makes, used by the server and by
 //! an offline `ferry push --state`.
 
-use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,6 +50,7 @@ use replicator::push::{Progress, PushOptions, PushReport};
 use replicator::remote::Connection;
 use serde::{Deserialize, Serialize};
 
+use crate::kept::Kept;
 use crate::remote::auth::{MacReader, MacWriter, SessionKeys};
 
 /// The socket's name in the state directory.
@@ -220,9 +220,7 @@ pub struct Pusher {
     state: PathBuf,
     one_at_a_time: Mutex<()>,
     /// Connections kept by their pushes' `keep`, by key.
-    kept: Arc<Mutex<HashMap<String, Parked>>>,
-    /// Numbers parked connections, so that a timer closes only its own.
-    parked: AtomicU64,
+    kept: Kept<Parked>,
 }
 
 /// A connection to a receiver, past its `Ready`.
@@ -236,8 +234,6 @@ struct Open {
 
 /// A connection released after its push and kept for the next one.
 struct Parked {
-    /// Which parking this is, so that a timer closes only its own.
-    number: u64,
     keep: Keep,
     open: Open,
 }
@@ -257,52 +253,25 @@ impl Pusher {
             mountpoint,
             state,
             one_at_a_time: Mutex::new(()),
-            kept: Arc::new(Mutex::new(HashMap::new())),
-            parked: AtomicU64::new(0),
+            kept: Kept::new(close_parked),
         }
     }
 
     /// Keeps `open` (released) under `keep.key` for `keep.seconds`,
-    /// closing the one kept there before; a timer closes it unless a push
-    /// has taken it by then.
+    /// closing the one kept there before; it is closed then unless a push
+    /// has taken it.
     fn park(&self, keep: Keep, open: Open) {
-        let number = self.parked.fetch_add(1, Ordering::Relaxed);
-        let (key, seconds) = (keep.key.clone(), keep.seconds);
-        let replaced = lock(&self.kept).insert(key.clone(), Parked { number, keep, open });
-        close_parked(replaced);
-        let kept = Arc::downgrade(&self.kept);
-        let timed = key.clone();
-        let timer = std::thread::Builder::new()
-            .name("ferry-kept".into())
-            .spawn(move || {
-                std::thread::sleep(Duration::from_secs(seconds));
-                let Some(kept) = kept.upgrade() else { return };
-                let mut kept = lock(&kept);
-                if kept.get(&timed).is_some_and(|p| p.number == number) {
-                    close_parked(kept.remove(&timed));
-                }
-            });
-        if let Err(e) = timer {
-            // Without its timer the connection would stay open: close it.
-            tracing::warn!(error = %e, "cannot start a thread to time a kept connection");
-            close_parked(lock(&self.kept).remove(&key));
-        }
+        let (key, time) = (keep.key.clone(), Duration::from_secs(keep.seconds));
+        self.kept.park(key, time, Parked { keep, open });
     }
 }
 
 /// Ends a kept connection (`Done`: its receiver exits; dropping the stream
 /// then ends ssh).
-fn close_parked(parked: Option<Parked>) {
-    if let Some(Parked { open, .. }) = parked
-        && let Err(e) = open.conn.close()
-    {
+fn close_parked(Parked { open, .. }: Parked) {
+    if let Err(e) = open.conn.close() {
         tracing::debug!(destination = %open.name, error = %e, "closing a kept connection");
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A poisoned lock only means a holder panicked; the data stays usable.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Handler for Pusher {
@@ -329,7 +298,11 @@ impl Handler for Pusher {
         };
         // A poisoned lock only means an earlier push panicked; the journal
         // and the replica protect their own consistency.
-        let _one = lock(&self.one_at_a_time);
+        // A poisoned lock only means a push panicked; pushing goes on.
+        let _one = self
+            .one_at_a_time
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let name = target.describe();
         tracing::info!(destination = %name, dry_run = options.dry_run, "push");
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -369,7 +342,7 @@ impl Pusher {
                 self.push_connection(open, ready, stream.keep, options, progress)?
             }
             Target::Kept(key) => {
-                let Some(Parked { keep, mut open, .. }) = lock(&self.kept).remove(&key) else {
+                let Some(Parked { keep, mut open }) = self.kept.take(&key) else {
                     return Err(NotKept.into());
                 };
                 let ready = match open.conn.reopen(&open.replica) {

@@ -7,6 +7,7 @@
 mod cli;
 mod cmd;
 mod control;
+mod kept;
 mod mounts;
 mod remote;
 mod state_dir;
