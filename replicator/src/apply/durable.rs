@@ -21,7 +21,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::mpsc::SyncSender;
 use std::thread::JoinHandle;
 
 /// Past this many files, one syncfs.
@@ -62,11 +62,11 @@ impl EarlySync {
         Ok(EarlySync { ask, thread })
     }
 
-    /// Asks for a syncfs; one asked and not yet started covers this one.
+    /// Asks for a syncfs. Refused only when one asked and not yet started
+    /// covers this one, or when the thread has ended (the final syncfs
+    /// then does it all): either way there is nothing to do.
     fn ask(&self) {
-        match self.ask.try_send(()) {
-            Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
-        }
+        let _ = self.ask.try_send(());
     }
 
     /// Waits for a syncfs in flight and ends the thread.
