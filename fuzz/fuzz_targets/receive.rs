@@ -7,9 +7,9 @@
 //! The input is the whole stream a sender writes to a receiver (messages,
 //! and the batches that follow `Batch`). Each input gets a fresh temporary
 //! directory (under `TMPDIR`) holding the replica `r/` of the `apply_batch`
-//! target (the same tree: see [`populate`]) and a sibling `outside/` that
+//! target (the same tree: `replicator::fuzz_scene::populate`) and a sibling `outside/` that
 //! `r/out` points to. The replica's state also holds what earlier
-//! connections that failed left in `kept/` (see [`keep`]): a complete file
+//! connections that failed left in `kept/` (`fuzz_scene::keep`): a complete file
 //! (for `CreateFromKept`) and the start of a file a connection was cut off
 //! in (for `ResumeFile`). The receiver serves the input with `r/` as the
 //! replica of the empty name (any other name is refused, as the daemon
@@ -54,223 +54,18 @@
 //!
 //! The seed corpus (`corpus/receive/`) is made by the ignored test
 //! `write_receive_fuzz_seed_corpus` in `replicator/src/remote/fuzz_seeds.rs`,
-//! for the tree [`populate`] makes: keep the two in step.
+//! for the same tree and state.
 #![no_main]
 
-use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt, symlink};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use replicator::apply::{Partial, read_applied};
-use replicator::batch::{
-    BatchHeader, BatchReader, BatchWriter, Hash, MAGIC, NodeKind, Op, RelPath,
-};
+use replicator::apply::read_applied;
+use replicator::batch::{BatchHeader, BatchReader, BatchWriter, MAGIC, Op, RelPath};
+use replicator::fuzz_scene::{HEADER, OP, TRAILER, defuse, keep, next_frame, populate, snapshot};
 use replicator::remote::{GREETING, MAX_MESSAGE, PROTOCOL, ToReceiver, ToSender, receive};
-
-/// The replica's content: `populate` of `apply_batch` (and of the test
-/// that writes this target's seeds).
-const A_TXT: &[u8] = b"hello, replica\n";
-const B_TXT: &[u8] = b"world\n";
-const C_TXT: &[u8] = b"deep\n";
-const CANARY: &[u8] = b"canary: must never change\n";
-const NESTED: &[u8] = b"nested outside\n";
-/// `big.bin`: more than two 16 KiB leaves.
-const BIG_LEN: usize = 40_000;
-
-fn big() -> Vec<u8> {
-    (0..BIG_LEN).map(|i| (i % 251) as u8).collect()
-}
-
-fn write(path: &Path, data: &[u8], mode: u32) {
-    fs::write(path, data).expect("write a fixture file");
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod a fixture file");
-}
-
-/// Makes in `dir` the tree of `apply_batch`'s `populate` (change both
-/// together):
-///
-/// ```text
-/// r/a.txt          "hello, replica\n", 0644, xattr user.fuzz=1 (if supported)
-/// r/a.link         hard link to a.txt
-/// r/big.bin        40,000 bytes (i % 251), 0644
-/// r/sub/           0755
-/// r/sub/b.txt      "world\n", 0600
-/// r/sub/deep/      0755
-/// r/sub/deep/c.txt "deep\n", 0644
-/// r/empty/         0755
-/// r/out  ->        ../outside (out of the root)
-/// r/in   ->        sub (a directory inside)
-/// outside/canary   "canary: must never change\n", 0644
-/// outside/nested/n.txt
-/// ```
-///
-/// and returns `(r, outside)`.
-fn populate(dir: &Path) -> (PathBuf, PathBuf) {
-    let r = dir.join("r");
-    let outside = dir.join("outside");
-    for d in [&r, &r.join("sub"), &r.join("sub/deep"), &r.join("empty")] {
-        fs::create_dir(d).expect("mkdir");
-        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-    fs::create_dir_all(outside.join("nested")).expect("mkdir outside");
-    write(&r.join("a.txt"), A_TXT, 0o644);
-    // Not every filesystem takes user xattrs; the seeds do not depend on it.
-    let _ = xattr::set(r.join("a.txt"), "user.fuzz", b"1");
-    fs::hard_link(r.join("a.txt"), r.join("a.link")).expect("link");
-    write(&r.join("big.bin"), &big(), 0o644);
-    write(&r.join("sub/b.txt"), B_TXT, 0o600);
-    write(&r.join("sub/deep/c.txt"), C_TXT, 0o644);
-    symlink("../outside", r.join("out")).expect("symlink out");
-    symlink("sub", r.join("in")).expect("symlink in");
-    write(&outside.join("canary"), CANARY, 0o644);
-    write(&outside.join("nested/n.txt"), NESTED, 0o644);
-    (r, outside)
-}
-
-/// A complete file a batch that failed had staged, kept by its hash.
-const KEPT: &[u8] = b"kept from a batch that failed\n";
-/// `resumed.bin`: the file a connection was cut off in; the replica kept
-/// its first `RESUMED_HAVE` bytes.
-const RESUMED_SIZE: u64 = 50_000;
-const RESUMED_HAVE: u64 = 20_000;
-
-fn resumed() -> Vec<u8> {
-    (0..RESUMED_SIZE).map(|i| (i * 7 % 256) as u8).collect()
-}
-
-/// Makes the state beside `r/` hold what connections that failed leave
-/// behind (as `Stager::keep_complete` and `keep_partial` write it; the
-/// test that writes the seeds does the same):
-///
-/// ```text
-/// .r.ferry/kept/<blake3 of KEPT>  KEPT
-/// .r.ferry/kept/partial           the first 20,000 bytes of resumed()
-/// .r.ferry/kept/partial.meta      Partial { resumed.bin, 50,000, 20,000 }
-/// ```
-fn keep(state: &Path) {
-    let kept = state.join("kept");
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&kept)
-        .expect("mkdir kept");
-    fs::write(kept.join(Hash::of(KEPT).to_string()), KEPT).expect("write a kept file");
-    fs::write(kept.join("partial"), &resumed()[..RESUMED_HAVE as usize])
-        .expect("write the partial file");
-    let partial = Partial {
-        path: RelPath::parse(b"resumed.bin").expect("a path"),
-        size: RESUMED_SIZE,
-        have: RESUMED_HAVE,
-    };
-    let meta = postcard::to_stdvec(&partial).expect("a Partial serializes");
-    fs::write(kept.join("partial.meta"), meta).expect("write the partial's description");
-}
-
-/// What is observable of one entry, without following symlinks (atime
-/// aside: reading a file moves it).
-#[derive(Debug, PartialEq, Eq)]
-struct Seen {
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    size: u64,
-    nlink: u64,
-    ino: u64,
-    rdev: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-    content: Option<Vec<u8>>,
-    target: Option<PathBuf>,
-    xattrs: Vec<(OsString, Option<Vec<u8>>)>,
-}
-
-/// Every entry below `root` (and `root` itself, as ""), by relative path.
-fn snapshot(root: &Path) -> BTreeMap<PathBuf, Seen> {
-    fn walk(root: &Path, rel: PathBuf, out: &mut BTreeMap<PathBuf, Seen>) {
-        let path = root.join(&rel);
-        let md = fs::symlink_metadata(&path).expect("lstat");
-        let ft = md.file_type();
-        let mut xattrs: Vec<_> = xattr::list(&path)
-            .map(|names| {
-                names
-                    .map(|n| {
-                        let v = xattr::get(&path, &n).ok().flatten();
-                        (n, v)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        xattrs.sort();
-        // Only regular files are read: opening a FIFO would block, a
-        // device node must not be opened at all.
-        let content = ft
-            .is_file()
-            .then(|| fs::read(&path).expect("read a regular file"));
-        let target = ft
-            .is_symlink()
-            .then(|| fs::read_link(&path).expect("readlink"));
-        out.insert(
-            rel.clone(),
-            Seen {
-                mode: md.mode(),
-                uid: md.uid(),
-                gid: md.gid(),
-                size: md.size(),
-                nlink: md.nlink(),
-                ino: md.ino(),
-                rdev: md.rdev(),
-                mtime: (md.mtime(), md.mtime_nsec()),
-                ctime: (md.ctime(), md.ctime_nsec()),
-                content,
-                target,
-                xattrs,
-            },
-        );
-        if ft.is_dir() {
-            for e in fs::read_dir(&path).expect("readdir") {
-                walk(root, rel.join(e.expect("dir entry").file_name()), out);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, PathBuf::new(), &mut out);
-    out
-}
-
-/// The frame kinds (docs/FORMAT.md, "Frames").
-const HEADER: u8 = 1;
-const OP: u8 = 2;
-const TRAILER: u8 = 3;
-
-/// The next frame of `rest`, as the format lays frames out (`kind`, `len`
-/// as u32 LE, the payload, an 8-byte check): its kind, its payload, and
-/// what follows it. `None` if `rest` does not start with a whole frame of
-/// a known kind.
-fn next_frame(rest: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let kind = *rest.first()?;
-    let len = u32::from_le_bytes(rest.get(1..5)?.try_into().expect("4 bytes")) as usize;
-    let payload = rest.get(5..5 + len)?;
-    let after = rest.get(5 + len + 8..)?;
-    (HEADER..=TRAILER)
-        .contains(&kind)
-        .then_some((kind, payload, after))
-}
-
-/// A device node's number is set to 0 (no device): see the module docs.
-fn defuse(op: &mut Op) {
-    if let Op::Mknod {
-        kind: NodeKind::Char | NodeKind::Block,
-        rdev,
-        ..
-    } = op
-    {
-        *rdev = 0;
-    }
-}
 
 /// Writes `msg` as the protocol frames it: `[len: u32 LE][postcard]`.
 fn frame_message(out: &mut Vec<u8>, msg: &ToReceiver) {

@@ -3,6 +3,8 @@
 
 pub mod apply;
 pub mod batch;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz_scene;
 pub mod push;
 pub mod remote;
 pub mod tree;

@@ -1458,67 +1458,10 @@ fn write_fuzz_seed_corpus() {
 #[ignore = "writes files; run explicitly to refresh the apply_batch fuzz corpus"]
 fn write_apply_fuzz_seed_corpus() {
     use std::fs;
-    use std::os::unix::fs::{PermissionsExt, symlink};
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     use crate::apply::{ApplyOptions, apply};
-
-    const A_TXT: &[u8] = b"hello, replica\n";
-    const B_TXT: &[u8] = b"world\n";
-    const C_TXT: &[u8] = b"deep\n";
-    const CANARY: &[u8] = b"canary: must never change\n";
-    const NESTED: &[u8] = b"nested outside\n";
-    const BIG_LEN: usize = 40_000;
-
-    fn big() -> Vec<u8> {
-        (0..BIG_LEN).map(|i| (i % 251) as u8).collect()
-    }
-
-    fn write(path: &Path, data: &[u8], mode: u32) {
-        fs::write(path, data).expect("write a fixture file");
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
-    }
-
-    /// The fuzz target's tree: see `populate` there.
-    fn populate(dir: &Path) -> (PathBuf, PathBuf) {
-        let r = dir.join("r");
-        let outside = dir.join("outside");
-        for d in [&r, &r.join("sub"), &r.join("sub/deep"), &r.join("empty")] {
-            fs::create_dir(d).expect("mkdir");
-            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        fs::create_dir_all(outside.join("nested")).expect("mkdir outside");
-        write(&r.join("a.txt"), A_TXT, 0o644);
-        let _ = xattr::set(r.join("a.txt"), "user.fuzz", b"1");
-        fs::hard_link(r.join("a.txt"), r.join("a.link")).expect("link");
-        write(&r.join("big.bin"), &big(), 0o644);
-        write(&r.join("sub/b.txt"), B_TXT, 0o600);
-        write(&r.join("sub/deep/c.txt"), C_TXT, 0o644);
-        symlink("../outside", r.join("out")).expect("symlink out");
-        symlink("sub", r.join("in")).expect("symlink in");
-        write(&outside.join("canary"), CANARY, 0o644);
-        write(&outside.join("nested/n.txt"), NESTED, 0o644);
-        (r, outside)
-    }
-
-    /// Names, modes and contents below `dir`, without following symlinks.
-    fn listing(dir: &Path) -> Vec<(PathBuf, u32, Option<Vec<u8>>)> {
-        use std::os::unix::fs::MetadataExt;
-        let mut out = Vec::new();
-        let mut todo = vec![dir.to_path_buf()];
-        while let Some(d) = todo.pop() {
-            let md = fs::symlink_metadata(&d).expect("lstat");
-            let content = md.is_file().then(|| fs::read(&d).expect("read"));
-            out.push((d.clone(), md.mode(), content));
-            if md.is_dir() {
-                for e in fs::read_dir(&d).expect("readdir") {
-                    todo.push(e.expect("entry").path());
-                }
-            }
-        }
-        out.sort();
-        out
-    }
+    use crate::fuzz_scene::{A_TXT, B_TXT, CANARY, big, listing, populate};
 
     fn seal(ops: &[Op]) -> Vec<u8> {
         let header = BatchHeader {

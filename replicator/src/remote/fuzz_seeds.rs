@@ -4,112 +4,24 @@
 //!
 //! The seeds are real sender streams (messages, and batches as a `ferry
 //! push` writes them) for the replica the target makes before each input:
-//! `populate` and `keep` there, repeated here (keep them in step; the tree
-//! is that of the `apply_batch` target too). The test that writes them serves
+//! `populate` and `keep` of `crate::fuzz_scene`, which the `apply_batch`
+//! target shares. The test that writes them serves
 //! each one to that tree with [`receive`] and checks what the receiver
 //! answers, how it ends, and that the directory beside the replica that
 //! `r/out` points to did not change, so that a change to the receiver or
 //! the applier that makes a seed go elsewhere shows there first.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::message::{self, GREETING, PROTOCOL, ToReceiver, ToSender};
 use super::test_ops::{create, p};
 use super::{Received, RemoteError, receive};
-use crate::apply::Partial;
 use crate::batch::{ANY_REPLICA, BatchHeader, BatchWriter, Chunk, Hash, Op, WriteRange};
-
-const A_TXT: &[u8] = b"hello, replica\n";
-const B_TXT: &[u8] = b"world\n";
-const C_TXT: &[u8] = b"deep\n";
-const CANARY: &[u8] = b"canary: must never change\n";
-const NESTED: &[u8] = b"nested outside\n";
-const BIG_LEN: usize = 40_000;
+use crate::fuzz_scene::{KEPT, RESUMED_HAVE, RESUMED_SIZE, keep, listing, populate, resumed};
 
 /// The source id of the `apply_batch` seeds, which these streams carry.
 const SOURCE: [u8; 16] = [0x5e; 16];
-
-fn big() -> Vec<u8> {
-    (0..BIG_LEN).map(|i| (i % 251) as u8).collect()
-}
-
-fn write(path: &Path, data: &[u8], mode: u32) {
-    fs::write(path, data).expect("write a fixture file");
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-/// The fuzz target's tree: see `populate` there.
-fn populate(dir: &Path) -> (PathBuf, PathBuf) {
-    let r = dir.join("r");
-    let outside = dir.join("outside");
-    for d in [&r, &r.join("sub"), &r.join("sub/deep"), &r.join("empty")] {
-        fs::create_dir(d).expect("mkdir");
-        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-    fs::create_dir_all(outside.join("nested")).expect("mkdir outside");
-    write(&r.join("a.txt"), A_TXT, 0o644);
-    let _ = xattr::set(r.join("a.txt"), "user.fuzz", b"1");
-    fs::hard_link(r.join("a.txt"), r.join("a.link")).expect("link");
-    write(&r.join("big.bin"), &big(), 0o644);
-    write(&r.join("sub/b.txt"), B_TXT, 0o600);
-    write(&r.join("sub/deep/c.txt"), C_TXT, 0o644);
-    symlink("../outside", r.join("out")).expect("symlink out");
-    symlink("sub", r.join("in")).expect("symlink in");
-    write(&outside.join("canary"), CANARY, 0o644);
-    write(&outside.join("nested/n.txt"), NESTED, 0o644);
-    (r, outside)
-}
-
-/// What the fuzz target's replica kept from connections that failed: see
-/// `keep` there.
-const KEPT: &[u8] = b"kept from a batch that failed\n";
-const RESUMED_SIZE: u64 = 50_000;
-const RESUMED_HAVE: u64 = 20_000;
-
-fn resumed() -> Vec<u8> {
-    (0..RESUMED_SIZE).map(|i| (i * 7 % 256) as u8).collect()
-}
-
-/// The fuzz target's kept files: see `keep` there.
-fn keep(state: &Path) {
-    let kept = state.join("kept");
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&kept)
-        .expect("mkdir kept");
-    fs::write(kept.join(Hash::of(KEPT).to_string()), KEPT).expect("write a kept file");
-    fs::write(kept.join("partial"), &resumed()[..RESUMED_HAVE as usize])
-        .expect("write the partial file");
-    let partial = Partial {
-        path: p("resumed.bin"),
-        size: RESUMED_SIZE,
-        have: RESUMED_HAVE,
-    };
-    let meta = postcard::to_stdvec(&partial).expect("a Partial serializes");
-    fs::write(kept.join("partial.meta"), meta).expect("write the partial's description");
-}
-
-/// Names, modes and contents below `dir`, without following symlinks.
-fn listing(dir: &Path) -> Vec<(PathBuf, u32, Option<Vec<u8>>)> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let md = fs::symlink_metadata(&d).expect("lstat");
-        let content = md.is_file().then(|| fs::read(&d).expect("read"));
-        out.push((d.clone(), md.mode(), content));
-        if md.is_dir() {
-            for e in fs::read_dir(&d).expect("readdir") {
-                todo.push(e.expect("entry").path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
 
 /// A batch as `ferry push` writes it (unbounded header counts).
 fn seal(from: u64, to: u64, ops: &[Op]) -> Vec<u8> {
