@@ -35,6 +35,7 @@ use crate::batch::{
     BatchHeader, BatchWriter, Chunk, Content, Extent, Hash, MAGIC, NodeKind, Op, RelPath,
     Timestamp, VERSION, WriteRange,
 };
+use crate::fuzz_scene::{Seen, snapshot};
 
 const SOURCE: [u8; 16] = [5; 16];
 
@@ -85,7 +86,7 @@ struct Scene {
     replica: PathBuf,
     outside: PathBuf,
     /// `outside/` as it was made.
-    before: BTreeMap<PathBuf, String>,
+    before: BTreeMap<PathBuf, Seen>,
 }
 
 fn scene() -> Scene {
@@ -136,65 +137,9 @@ impl Scene {
         );
     }
 
-    fn replica_now(&self) -> BTreeMap<PathBuf, String> {
+    fn replica_now(&self) -> BTreeMap<PathBuf, Seen> {
         snapshot(&self.replica)
     }
-}
-
-/// Every entry below `root` (and `root` itself, as ""), as everything
-/// observable of it without following a symlink, atime aside: type and
-/// permission bits, owner, size, inode, link count, mtime, ctime (which
-/// any write, chmod, chown, link or xattr change moves), content or
-/// target, and xattrs.
-fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
-    fn walk(root: &Path, rel: PathBuf, out: &mut BTreeMap<PathBuf, String>) {
-        let path = root.join(&rel);
-        let md = fs::symlink_metadata(&path).unwrap();
-        let ft = md.file_type();
-        let body = if ft.is_file() {
-            format!("content {}", Hash::of(&fs::read(&path).unwrap()))
-        } else if ft.is_symlink() {
-            format!("-> {:?}", fs::read_link(&path).unwrap())
-        } else {
-            String::new()
-        };
-        let mut xattrs: Vec<_> = xattr::list(&path)
-            .map(|names| {
-                names
-                    .map(|n| {
-                        let v = xattr::get(&path, &n).ok().flatten();
-                        (n, v)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        xattrs.sort();
-        out.insert(
-            rel.clone(),
-            format!(
-                "mode {:o} owner {}:{} size {} ino {} nlink {} mtime {}.{} ctime {}.{} {body} \
-                 xattrs {xattrs:?}",
-                md.mode(),
-                md.uid(),
-                md.gid(),
-                md.size(),
-                md.ino(),
-                md.nlink(),
-                md.mtime(),
-                md.mtime_nsec(),
-                md.ctime(),
-                md.ctime_nsec()
-            ),
-        );
-        if ft.is_dir() {
-            for e in fs::read_dir(&path).unwrap() {
-                walk(root, rel.join(e.unwrap().file_name()), out);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, PathBuf::new(), &mut out);
-    out
 }
 
 // ---- a receiver, and a well-behaved sender ----
