@@ -100,10 +100,18 @@ fn close_when_due<T>(shared: &Shared<T>) {
             .filter(|(_, (until, _))| ending || *until <= now)
             .map(|(key, _)| key.clone())
             .collect();
-        for key in due {
-            if let Some((_, value)) = state.parked.remove(&key) {
-                (shared.close)(value);
-            }
+        let closing: Vec<T> = due
+            .iter()
+            .filter_map(|key| state.parked.remove(key))
+            .map(|(_, value)| value)
+            .collect();
+        if !closing.is_empty() {
+            // Closed without the lock: a push taking another connection
+            // does not wait for these.
+            drop(state);
+            closing.into_iter().for_each(shared.close);
+            state = lock(&shared.state);
+            continue;
         }
         if ending {
             return;
