@@ -180,7 +180,7 @@ fn entry_reply(result: Result<crate::fs::Entry, nix::errno::Errno>, reply: Reply
 /// to ferry skips the kernel's page cache (FOPEN_DIRECT_IO). ferry's own
 /// pread and pwrite go through the backing file's page cache, so a cached
 /// handle would hold every byte it touches twice, and fill the second copy
-/// at the caller's expense (docs/ARCHITECTURE.md, "How a file is open").
+/// at the caller's expense (docs/ARCHITECTURE.md, "Invariants").
 fn fopen_flags(opened: &Opened, uncached_journaled: bool) -> FopenFlags {
     let mut flags = if opened.needs_flush {
         FopenFlags::empty()
