@@ -107,6 +107,7 @@ mod commit;
 mod direct;
 mod durable;
 mod fsops;
+mod new_files;
 mod stage;
 mod tree_cache;
 

@@ -40,10 +40,11 @@ use super::commit::{
 use super::direct::DirectWriter;
 use super::durable::PendingSync;
 use super::fsops::{Kind, Root, describe};
+use super::new_files::{Hashed, Job, WRITTEN_IN_LINE, Writer, finish_content, write_new_file};
 use super::tree_cache::{Recorded, TreeCache};
 use super::{ApplyError, ApplyOptions};
 use crate::batch::limits::delta_output_limit;
-use crate::batch::{Hash, NodeKind, Op, OpSource, RelPath, Timestamp, WriteRange};
+use crate::batch::{Content, Hash, NodeKind, Op, OpSource, RelPath, Timestamp, WriteRange};
 use crate::tree::{ContentTree, LEAF, TreeBuilder, leaves_of};
 
 /// What a path holds at a point of the batch.
@@ -203,8 +204,11 @@ pub struct Stager<'a> {
     staged: u64,
     /// Staged files written and not yet durable.
     to_sync: PendingSync,
-    /// Times of staged non-directories, set at the end of staging.
-    staged_times: HashMap<u32, (Kind, Timestamp, Timestamp)>,
+    /// Times of staged non-directories, set at the end of staging in the
+    /// order the entries were made: mostly the order of their inodes, whose
+    /// blocks the filesystem then journals once each (a seed's 100,000
+    /// files took half the time of hash order).
+    staged_times: BTreeMap<u32, (Kind, Timestamp, Timestamp)>,
     warnings: Vec<String>,
     /// Zeros hashed so far for holes and growth, and the most the batch
     /// may make it hash (`ApplyOptions::max_zeros`).
@@ -220,57 +224,13 @@ pub struct Stager<'a> {
     takes_meta_at_commit: HashSet<u32>,
     /// Owners of staged files as made (a chown to the same is skipped).
     staged_owners: HashMap<u32, (u32, u32)>,
+    /// New files made so far by `CreateFile`, and the thread that writes
+    /// their content once they are many (`new_files`).
+    created: u64,
+    writer: Option<Writer>,
     /// Staged entries made inside a staged directory, by their location
     /// below `staging/` (the others are in buckets, named by number).
     nested: HashMap<u32, CString>,
-}
-
-/// Zeros to hash for the holes of content written piece by piece.
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-
-/// The tree of a staged file's content, hashed as its pieces are written
-/// in increasing offsets (the gaps between them are holes, hashed as
-/// zeros), so that the file is not read back.
-#[derive(Default)]
-struct Hashed {
-    tree: TreeBuilder,
-    at: u64,
-    /// A piece came before the end of an earlier one: read it back.
-    out_of_order: bool,
-}
-
-impl Hashed {
-    fn piece(&mut self, offset: u64, data: &[u8]) {
-        if offset < self.at {
-            self.out_of_order = true;
-            return;
-        }
-        self.fill_to(offset);
-        self.tree.update(data);
-        self.at = offset + data.len() as u64;
-    }
-
-    fn fill_to(&mut self, offset: u64) {
-        while self.at < offset {
-            let n = (offset - self.at).min(ZEROS.len() as u64);
-            self.tree.update(&ZEROS[..n as usize]);
-            self.at += n;
-        }
-    }
-
-    /// Where the pieces written so far end.
-    fn end(&self) -> u64 {
-        self.at
-    }
-
-    /// The tree of content of `size` bytes; `None` if it must be read back.
-    fn finish(mut self, size: u64) -> Option<ContentTree> {
-        if self.out_of_order || self.at > size {
-            return None;
-        }
-        self.fill_to(size);
-        Some(self.tree.finish())
-    }
 }
 
 /// Asks the kernel to start writing `len` bytes at `offset` of `file` back
@@ -339,9 +299,11 @@ impl<'a> Stager<'a> {
             pending: HashMap::new(),
             staged_trees: HashMap::new(),
             to_sync: PendingSync::default(),
-            staged_times: HashMap::new(),
+            staged_times: BTreeMap::new(),
             nested: HashMap::new(),
             staged_owners: HashMap::new(),
+            created: 0,
+            writer: None,
             takes_meta_at_commit: HashSet::new(),
             warnings: Vec::new(),
             content_set: HashMap::new(),
@@ -401,7 +363,8 @@ impl<'a> Stager<'a> {
     /// batch's trailer has been verified. A batch that fails leaves the
     /// content of its complete files in `kept/` (`keep_complete`).
     pub fn run(mut self, reader: &mut impl OpSource) -> Result<Staged, ApplyError> {
-        if let Err(e) = self.stage_all(reader) {
+        if let Err(e) = self.stage_all(reader).and_then(|()| self.written()) {
+            let e = self.earliest_failure(e);
             self.keep_complete();
             return Err(e);
         }
@@ -437,6 +400,20 @@ impl<'a> Stager<'a> {
             self.stage(op)?;
         }
         Ok(())
+    }
+
+    /// `e`, or the failure of a file handed to the writer before `e`
+    /// happened (errors are reported in batch order, as when every file is
+    /// written in line), once every handed file is collected.
+    fn earliest_failure(&mut self, e: ApplyError) -> ApplyError {
+        let Err(handed) = self.written() else {
+            return e;
+        };
+        match (&e, &handed) {
+            // `e` is itself the writer's first failure.
+            (ApplyError::Op { index: a, .. }, ApplyError::Op { index: b, .. }) if a <= b => e,
+            _ => handed,
+        }
     }
 
     /// Moves every complete staged file of a batch that failed (cut off,
@@ -481,7 +458,7 @@ impl<'a> Stager<'a> {
             return false;
         };
         let have = s.content.end();
-        if have == 0 || s.content.out_of_order || self.finish_direct(&s.file).is_err() {
+        if have == 0 || !s.content.in_order() || self.finish_direct(&s.file).is_err() {
             return false;
         }
         let partial = Partial {
@@ -904,19 +881,7 @@ impl<'a> Stager<'a> {
         result: Hash,
         content: Hashed,
     ) -> Result<(), ApplyError> {
-        if content.end() != size {
-            // A trailing hole (or pieces out of order).
-            file.set_len(size)
-                .map_err(|e| self.io("sizing the staged file", e))?;
-        }
-        let tree = match content.finish(size) {
-            Some(t) => t,
-            None => ContentTree::build(size, |i, buf| file.read_exact_at(buf, i * LEAF))
-                .map_err(|e| self.io("rereading", e))?,
-        };
-        if tree.root() != result {
-            return Err(self.err("the content does not match its result hash"));
-        }
+        let tree = finish_content(&file, size, result, content).map_err(|r| self.err(r))?;
         self.finish_new_file(p, id, &file, mode, tree)
     }
 
@@ -932,17 +897,79 @@ impl<'a> Stager<'a> {
     ) -> Result<(), ApplyError> {
         fchmod(file.as_fd(), Mode::from_bits_retain(mode))
             .map_err(|e| self.errno("setting the mode", e))?;
+        self.install_new_file(p, id, file)?;
+        self.staged_trees.insert(id, tree);
+        Ok(())
+    }
+
+    /// Notes a new staged file to be synced and installs it at `p`.
+    fn install_new_file(&mut self, p: &RelPath, id: u32, file: &File) -> Result<(), ApplyError> {
         self.to_sync
             .add(file)
             .map_err(|e| self.io("keeping the file to sync", e))?;
         let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| self.errno("fstat", e))?;
         self.install(p, id, &st);
         self.staged_owners.insert(id, (st.st_uid, st.st_gid));
-        self.staged_trees.insert(id, tree);
         Ok(())
     }
 
+    /// Stages the new file `path` of `content`: written here, or, once the
+    /// batch has made many, made and installed here and handed to the
+    /// writer for the rest.
+    fn create_file(
+        &mut self,
+        path: RelPath,
+        mode: u32,
+        content: Content,
+        result: Hash,
+    ) -> Result<(), ApplyError> {
+        self.check_new(&path, false)?;
+        self.charge_zeros(content.size().saturating_sub(content.data_len()))?;
+        let (id, file) = self.create_staged_file_for(&path)?;
+        self.created += 1;
+        if self.created > WRITTEN_IN_LINE && self.writer.is_none() {
+            self.writer = Writer::start();
+        }
+        if self.writer.is_none() || !Writer::takes(&content) {
+            let tree = write_new_file(&file, &content, mode, result).map_err(|r| self.err(r))?;
+            self.install_new_file(&path, id, &file)?;
+            self.staged_trees.insert(id, tree);
+            return Ok(());
+        }
+        self.install_new_file(&path, id, &file)?;
+        let job = Job {
+            id,
+            file,
+            content,
+            mode,
+            result,
+            index: self.index,
+            path,
+        };
+        let writer = self.writer.as_mut().expect("checked above");
+        writer.hand(job, &mut self.staged_trees)
+    }
+
+    /// Waits for every file handed to the writer, collecting their trees.
+    fn written(&mut self) -> Result<(), ApplyError> {
+        match self.writer.as_mut() {
+            Some(writer) => writer.wait(&mut self.staged_trees),
+            None => Ok(()),
+        }
+    }
+
     fn stage(&mut self, op: Op) -> Result<(), ApplyError> {
+        if matches!(
+            op,
+            Op::WriteRanges { .. }
+                | Op::Truncate { .. }
+                | Op::Delta { .. }
+                | Op::CreateFromDelta { .. }
+        ) {
+            // They read a file's content and tree, which may be a file the
+            // writer has not written yet.
+            self.written()?;
+        }
         match op {
             Op::Mkdir { path, mode } => {
                 self.check_new(&path, true)?;
@@ -991,20 +1018,7 @@ impl<'a> Stager<'a> {
                 mode,
                 content,
                 result,
-            } => {
-                self.check_new(&path, false)?;
-                self.charge_zeros(content.size().saturating_sub(content.data_len()))?;
-                let (id, file) = self.create_staged_file_for(&path)?;
-                let mut hashed = Hashed::default();
-                content
-                    .for_each_piece(|off, piece| {
-                        file.write_all_at(piece, off)?;
-                        hashed.piece(off, piece);
-                        Ok(())
-                    })
-                    .map_err(|e| self.err(format!("writing the staged file: {e}")))?;
-                self.finish_file(&path, id, file, content.size(), mode, result, hashed)?;
-            }
+            } => self.create_file(path, mode, content, result)?,
             Op::BeginFile { path, mode, size } => {
                 self.check_new(&path, false)?;
                 let (id, file) = self.create_staged_file_for(&path)?;
@@ -1218,12 +1232,12 @@ impl<'a> Stager<'a> {
                 // Made by us, it may have that owner already.
                 Meta::Chown(uid, gid) => {
                     if self.staged_owners.insert(id, (uid, gid)) != Some((uid, gid)) {
-                        self.set_staged_meta(id, kind, &Meta::Chown(uid, gid));
+                        self.set_staged_meta_written(id, kind, &Meta::Chown(uid, gid))?;
                     }
                     return Ok(());
                 }
                 meta => {
-                    self.set_staged_meta(id, kind, &meta);
+                    self.set_staged_meta_written(id, kind, &meta)?;
                     return Ok(());
                 }
             }
@@ -1234,6 +1248,22 @@ impl<'a> Stager<'a> {
             kind,
             meta,
         });
+        Ok(())
+    }
+
+    /// As `set_staged_meta`, once the writer is done with `id` (it gives
+    /// the file its mode, which must come before what the batch sets
+    /// later: a chown clears set-ID bits).
+    fn set_staged_meta_written(
+        &mut self,
+        id: u32,
+        kind: Kind,
+        meta: &Meta,
+    ) -> Result<(), ApplyError> {
+        if self.writer.as_ref().is_some_and(|w| w.holds(id)) {
+            self.written()?;
+        }
+        self.set_staged_meta(id, kind, meta);
         Ok(())
     }
 

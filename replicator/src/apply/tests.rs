@@ -1582,3 +1582,81 @@ fn a_commit_that_failed_is_finished_before_the_same_session_goes_on() {
     assert_eq!(read_applied(&f.replica).unwrap().map(|a| a.seq), Some(1));
     assert!(staging_is_empty(&f));
 }
+
+/// `n` new files `f0`.. of distinct content, each followed by `then(i)`.
+fn many_files(n: usize, then: impl Fn(usize) -> Vec<Op>) -> Vec<Op> {
+    (0..n)
+        .flat_map(|i| {
+            let data = format!("file {i}").repeat(1 + i % 7).into_bytes();
+            std::iter::once(create(&format!("f{i}"), 0o644, Content::Raw(data))).chain(then(i))
+        })
+        .collect()
+}
+
+/// The unit tests hand every new file to the writer (`new_files`): the
+/// stager goes on while files are written, and fails here at the
+/// operation after the bad file, long before the writer gets to it. The
+/// bad file is still the error reported, once every handed file was
+/// collected (the complete ones are kept).
+#[test]
+fn a_handed_file_that_fails_is_reported_before_a_later_failure() {
+    let f = Fixture::new();
+    let mut ops = many_files(100, |_| Vec::new());
+    ops.push(Op::CreateFile {
+        path: p("bad"),
+        mode: 0o644,
+        content: Content::Raw(b"what was sent".to_vec()),
+        result: Hash::of(b"what was hashed"),
+    });
+    ops.push(Op::Unlink { path: p("missing") });
+    let err = f.apply(&batch_bytes(0, 1, &ops)).expect_err("refused");
+    match &err {
+        ApplyError::Op {
+            index,
+            op,
+            path,
+            reason,
+        } => {
+            assert_eq!(
+                (*index, *op, path.as_str()),
+                (101, "CreateFile", "bad"),
+                "{err}"
+            );
+            assert!(reason.contains("does not match"), "{err}");
+        }
+        _ => panic!("expected the bad file's error, got: {err}"),
+    }
+    assert_eq!(fs::read_dir(&f.replica).unwrap().count(), 0);
+    assert!(read_applied(&f.replica).unwrap().is_none());
+    assert_eq!(fs::read_dir(f.state().join("kept")).unwrap().count(), 100);
+}
+
+/// A mode the batch sets on a handed file comes after the one it was
+/// created with, as in batch order.
+#[test]
+fn metadata_set_on_handed_files_comes_after_their_creation() {
+    let f = Fixture::new();
+    let mode = |i: usize| [0o600, 0o4755, 0o640][i % 3];
+    let ops = many_files(300, |i| {
+        vec![
+            Op::Chown {
+                path: p(&format!("f{i}")),
+                uid: 1,
+                gid: 1,
+            },
+            Op::Chmod {
+                path: p(&format!("f{i}")),
+                mode: mode(i),
+            },
+        ]
+    });
+    f.apply(&batch_bytes(0, 1, &ops)).expect("apply");
+    for i in 0..300 {
+        let m = fs::metadata(f.replica.join(format!("f{i}"))).unwrap();
+        assert_eq!(
+            (m.permissions().mode() & 0o7777, m.uid(), m.gid()),
+            (mode(i), 1, 1),
+            "f{i}"
+        );
+    }
+}
