@@ -42,12 +42,13 @@ use crate::tree::{ContentTree, LEAF, TreeBuilder};
 const HANDED_MAX: u64 = 1 << 20;
 
 /// New files a batch writes in line before it starts the writer: a batch
-/// of a few files does not pay for a thread. The unit tests hand over
-/// every file, so that the whole applier suite runs through the writer
-/// (the end-to-end tests, with the real value, through both).
-#[cfg(not(test))]
+/// of a few files does not pay for a thread. The unit tests and the fuzz
+/// targets hand over every file, so that the whole applier suite and
+/// every fuzzed batch run through the writer (the end-to-end tests, with
+/// the real value, through both).
+#[cfg(not(any(test, feature = "fuzzing")))]
 pub(super) const WRITTEN_IN_LINE: u64 = 64;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(super) const WRITTEN_IN_LINE: u64 = 0;
 
 /// The most content handed over and not yet written.
