@@ -30,6 +30,7 @@ mod batch_dir;
 mod cache;
 mod local;
 mod plan;
+mod read_ahead;
 mod remote;
 mod report;
 mod source;

@@ -37,6 +37,7 @@ use std::path::Path;
 use journal::{Changeset, ContentChange, FileChange, FileId, FileKind, Journal, Namespace, NsStep};
 
 use super::cache::{ReplicaCopy, SignatureBuilder, cached_size, signature_of};
+use super::read_ahead;
 use super::report::{Progress, PushError};
 use super::source::{Source, data_extents, xattrs_of};
 use crate::apply::Partial;
@@ -316,9 +317,26 @@ impl Plan<'_> {
             w.full_metadata.insert(FileId::ROOT);
             w.touched_parents.insert(FileId::ROOT);
         }
-        for step in self.steps {
-            w.step(step)?;
-        }
+        let planner = read_ahead::Planner::default();
+        std::thread::scope(|scope| {
+            // Without the thread the planner reads as it goes.
+            let _ = std::thread::Builder::new()
+                .name("ferry-read-ahead".into())
+                .spawn_scoped(scope, || {
+                    read_ahead::run(
+                        self.steps,
+                        |id| self.journal.locate(id),
+                        self.source,
+                        &planner,
+                    );
+                });
+            let stepped = self.steps.iter().enumerate().try_for_each(|(i, step)| {
+                planner.at(i);
+                w.step(step)
+            });
+            planner.stop();
+            stepped
+        })?;
         for (id, change) in &self.changes.files {
             if change.existed_before && change.exists_after && change.kind == FileKind::File {
                 let changed = change.content != ContentChange::Unchanged;
