@@ -115,6 +115,41 @@ fn named_values(
     Ok(out)
 }
 
+/// Reads into `buf` what of it the page cache holds at `offset` of `file`,
+/// without waiting for the disk: the bytes read (0 at the end of the
+/// file), or `None` when its first page is not cached (or the filesystem
+/// cannot say).
+pub(super) fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec over `buf`, which outlives the call, on a
+    // descriptor we own.
+    let n = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    match io::Error::last_os_error() {
+        e if matches!(
+            e.raw_os_error(),
+            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL | libc::EINTR)
+        ) =>
+        {
+            Ok(None)
+        }
+        e => Err(e),
+    }
+}
+
 /// The data extents of `file` (size `size`) as `(offset, len)`: everything
 /// but its holes.
 pub(super) fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
