@@ -18,15 +18,13 @@
 //! source's atime stays where `O_NOATIME` is permitted, and `WILLNEED` does
 //! not move it anyway), and an error just skips the file.
 
-use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
 use journal::{FileId, FileKind, InodeKey, NsStep};
 
-use super::source::Source;
+use super::source::{Source, open_for_reading};
 
 /// How many steps the reads run ahead of the planner's last read that
 /// waited.
@@ -142,19 +140,9 @@ pub(super) fn run(
 
 /// Starts reading the `len` bytes of the file at `path` into the page cache.
 fn ask(path: &Path, len: u64) {
-    let open = |extra: i32| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | extra)
-            .open(path)
-    };
-    let file: File = match open(libc::O_NOATIME) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => match open(0) {
-            Ok(f) => f,
-            Err(_) => return,
-        },
-        Ok(f) => f,
-        Err(_) => return,
+    // Non-blocking: were it a FIFO by now, the open would wait for a writer.
+    let Ok(file) = open_for_reading(path, libc::O_NONBLOCK) else {
+        return;
     };
     let _ = nix::fcntl::posix_fadvise(
         file.as_fd(),
@@ -168,6 +156,8 @@ fn ask(path: &Path, len: u64) {
 mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
+
+    use std::fs::File;
 
     use super::super::source::read_cached;
     use super::*;

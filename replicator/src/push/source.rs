@@ -58,18 +58,7 @@ impl Source {
     /// The regular file at `rel` opened for reading, if it is the inode
     /// `key`. Reads do not move its atime (O_NOATIME where permitted).
     pub fn open(&self, rel: &Path, key: Option<InodeKey>) -> io::Result<Option<(File, Metadata)>> {
-        let path = self.path(rel);
-        let open = |extra: i32| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | extra)
-                .open(&path)
-        };
-        let file = match open(libc::O_NOATIME) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
-            r => r,
-        };
-        let file = match file {
+        let file = match open_for_reading(&self.path(rel), 0) {
             Ok(f) => f,
             Err(e) if absent(&e) => return Ok(None),
             Err(e) => return Err(e),
@@ -93,6 +82,22 @@ impl Source {
     /// One extended attribute of `rel`, `None` if it is not set.
     pub fn xattr(&self, rel: &Path, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
         xattr::get(self.path(rel), OsStr::from_bytes(name))
+    }
+}
+
+/// Opens `path` for reading with `flags` besides, not following a symlink
+/// at its last component; reads do not move its atime (`O_NOATIME` where
+/// permitted: the caller owns the file or is privileged).
+pub(super) fn open_for_reading(path: &Path, flags: i32) -> io::Result<File> {
+    let open = |extra: i32| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | flags | extra)
+            .open(path)
+    };
+    match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+        r => r,
     }
 }
 
