@@ -57,8 +57,11 @@ impl Source {
 
     /// The regular file at `rel` opened for reading, if it is the inode
     /// `key`. Reads do not move its atime (O_NOATIME where permitted).
+    /// Opened non-blocking: a FIFO put in the file's place since it was
+    /// found would otherwise hold the push until something writes to it
+    /// (a regular file reads the same either way).
     pub fn open(&self, rel: &Path, key: Option<InodeKey>) -> io::Result<Option<(File, Metadata)>> {
-        let file = match open_for_reading(&self.path(rel), 0) {
+        let file = match open_for_reading(&self.path(rel), libc::O_NONBLOCK) {
             Ok(f) => f,
             Err(e) if absent(&e) => return Ok(None),
             Err(e) => return Err(e),
@@ -189,4 +192,35 @@ pub(super) fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>
         at = end;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_in_a_files_place_is_not_opened_as_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Source::new(dir.path());
+        nix::unistd::mkfifo(
+            &dir.path().join("was-a-file"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        // Without O_NONBLOCK the open waits for a writer that never comes
+        // (a liveness bound, not a timing: it returns at once or never).
+        let (done, opened) = std::sync::mpsc::channel();
+        let fifo = Source::new(dir.path());
+        std::thread::spawn(move || {
+            let _ = done.send(fifo.open(Path::new("was-a-file"), None).unwrap().is_none());
+        });
+        let refused = opened.recv_timeout(std::time::Duration::from_secs(60));
+        assert_eq!(refused, Ok(true), "the FIFO was opened, or its open waited");
+        std::fs::write(dir.path().join("file"), b"content").unwrap();
+        let (file, md) = source.open(Path::new("file"), None).unwrap().unwrap();
+        assert_eq!(
+            (md.len(), std::io::read_to_string(file).unwrap()),
+            (7, "content".into())
+        );
+    }
 }
