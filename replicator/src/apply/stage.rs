@@ -927,7 +927,8 @@ impl<'a> Stager<'a> {
         self.charge_zeros(content.size().saturating_sub(content.data_len()))?;
         let (id, file) = self.create_staged_file_for(&path)?;
         self.created += 1;
-        if self.created > WRITTEN_IN_LINE && self.writer.is_none() {
+        if self.created == WRITTEN_IN_LINE + 1 {
+            // Once: without the thread, files are written in line.
             self.writer = Writer::start();
         }
         if self.writer.is_none() || !Writer::takes(&content) {

@@ -265,9 +265,6 @@ impl Plan<'_> {
         progress: &mut dyn FnMut(Progress),
         owners: &mut Vec<(u64, FileId)>,
     ) -> Result<Written, PushError> {
-        // The progress totals take a stat of every file the batch sends
-        // (a fifth of a second for 100,000 files): counted beside the
-        // sending, not before it.
         let read_ahead = read_ahead::Planner::default();
         std::thread::scope(|scope| {
             // Without the thread the planner reads as it goes.
@@ -278,6 +275,9 @@ impl Plan<'_> {
                     read_ahead::run(self.steps, locate, self.source, &read_ahead);
                 });
             let _stop_reading_ahead = read_ahead.stopping();
+            // The progress totals take a stat of every file the batch sends
+            // (a fifth of a second for 100,000 files): counted beside the
+            // sending, not before it.
             let (totals_tx, totals) = std::sync::mpsc::sync_channel(1);
             let inline = totals_tx.clone();
             let counting = std::thread::Builder::new()
