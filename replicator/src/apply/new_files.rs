@@ -288,7 +288,7 @@ impl Writer {
                 }
                 Err(e) => {
                     failed.get_or_insert(e);
-                    if self.handed.is_empty() || !more(self) {
+                    if !more(self) {
                         break;
                     }
                 }

@@ -140,8 +140,7 @@ pub(super) fn run(
 
 /// Starts reading the `len` bytes of the file at `path` into the page cache.
 fn ask(path: &Path, len: u64) {
-    // Non-blocking: were it a FIFO by now, the open would wait for a writer.
-    let Ok(file) = open_for_reading(path, libc::O_NONBLOCK) else {
+    let Ok(file) = open_for_reading(path) else {
         return;
     };
     let _ = nix::fcntl::posix_fadvise(
@@ -154,10 +153,9 @@ fn ask(path: &Path, len: u64) {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
-
-    use std::fs::File;
 
     use super::super::source::read_cached;
     use super::*;

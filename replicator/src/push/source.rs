@@ -56,12 +56,9 @@ impl Source {
     }
 
     /// The regular file at `rel` opened for reading, if it is the inode
-    /// `key`. Reads do not move its atime (O_NOATIME where permitted).
-    /// Opened non-blocking: a FIFO put in the file's place since it was
-    /// found would otherwise hold the push until something writes to it
-    /// (a regular file reads the same either way).
+    /// `key` (see `open_for_reading`).
     pub fn open(&self, rel: &Path, key: Option<InodeKey>) -> io::Result<Option<(File, Metadata)>> {
-        let file = match open_for_reading(&self.path(rel), libc::O_NONBLOCK) {
+        let file = match open_for_reading(&self.path(rel)) {
             Ok(f) => f,
             Err(e) if absent(&e) => return Ok(None),
             Err(e) => return Err(e),
@@ -88,14 +85,16 @@ impl Source {
     }
 }
 
-/// Opens `path` for reading with `flags` besides, not following a symlink
-/// at its last component; reads do not move its atime (`O_NOATIME` where
-/// permitted: the caller owns the file or is privileged).
-pub(super) fn open_for_reading(path: &Path, flags: i32) -> io::Result<File> {
+/// Opens `path` for reading, not following a symlink at its last
+/// component and without blocking: a FIFO put in a file's place would
+/// otherwise hold the caller until something writes to it (a regular file
+/// reads the same either way). Reads do not move its atime (`O_NOATIME`
+/// where permitted: the caller owns the file or is privileged).
+pub(super) fn open_for_reading(path: &Path) -> io::Result<File> {
     let open = |extra: i32| {
         std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | flags | extra)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | extra)
             .open(path)
     };
     match open(libc::O_NOATIME) {
