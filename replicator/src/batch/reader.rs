@@ -173,9 +173,6 @@ impl<R: Read> BatchReader<R> {
     fn step(&mut self) -> Result<Option<Op>, BatchError> {
         let at = self.offset;
         let index = self.stats.ops + 1;
-        // The trailer hash covers every byte before the trailer frame, so
-        // it is computed before this frame is read.
-        let hash_before = *self.hasher.finalize().as_bytes();
         match self.read_frame(Part::Frame(index))? {
             FrameKind::Op => {
                 let part = Part::Op(index);
@@ -220,7 +217,9 @@ impl<R: Read> BatchReader<R> {
                         actual: self.stats.content_bytes,
                     }));
                 }
-                if trailer.hash != hash_before {
+                // The trailer hash covers every byte before the trailer
+                // frame, which `read_frame` does not feed to it.
+                if trailer.hash != *self.hasher.finalize().as_bytes() {
                     return Err(err(BatchErrorKind::TrailerHash));
                 }
                 if self.expect_eof {
