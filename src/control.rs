@@ -5,7 +5,7 @@
 //! directory: root only). A connection carries one request, one JSON line:
 //!
 //! ```text
-//! {"push":{"replica":"/abs/path","options":{"dry_run":false}}}
+//! {"push":{"replica":"/abs/path","options":{"dry_run":false,"progress":true}}}
 //! {"push_to":{"target":{"batch_dir":"/abs/dir"},"options":{...}}}
 //! {"push_to":{"target":{"connection":{"name":"host:/path","replica":"","keys":null,"keep":{"key":"...","seconds":60}}},"options":{...}}}
 //! {"push_to":{"target":{"kept":{"key":"..."}},"options":{...}}}
@@ -879,7 +879,10 @@ mod tests {
     fn local(replica: &str, dry_run: bool) -> Request {
         Request::Push {
             replica: replica.into(),
-            options: PushOptions { dry_run },
+            options: PushOptions {
+                dry_run,
+                ..PushOptions::default()
+            },
         }
     }
 
@@ -939,16 +942,28 @@ mod tests {
     fn request_and_reply_lines_have_the_documented_shape() {
         let req = Request::Push {
             replica: "/r".into(),
-            options: PushOptions { dry_run: true },
+            options: PushOptions {
+                dry_run: true,
+                progress: true,
+            },
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(v["push"]["replica"], "/r");
         assert_eq!(v["push"]["options"]["dry_run"], true);
+        assert_eq!(v["push"]["options"]["progress"], true);
         let parsed: Request = serde_json::from_str(r#"{"push":{"replica":"/r"}}"#).unwrap();
         let Request::Push { options, .. } = parsed else {
             panic!("not a push: {parsed:?}");
         };
         assert!(!options.dry_run);
+        // Options a client leaves out keep their defaults.
+        let parsed: Request =
+            serde_json::from_str(r#"{"push":{"replica":"/r","options":{"dry_run":true}}}"#)
+                .unwrap();
+        let Request::Push { options, .. } = parsed else {
+            panic!("not a push: {parsed:?}");
+        };
+        assert!(options.dry_run && !options.progress);
         let v = serde_json::to_value(Request::PushTo {
             target: TargetSpec::BatchDir("/b".into()),
             options: PushOptions::default(),

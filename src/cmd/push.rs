@@ -192,13 +192,14 @@ pub fn run(mut args: PushArgs) -> anyhow::Result<()> {
         args.mountpoint = args.replica.take();
     }
     let destination = Destination::parse(args.replica.as_deref(), args.batch_dir.as_deref())?;
+    let mut bar = Bar::new(args.progress || (!args.json && std::io::stderr().is_terminal()));
     // Options the engine adds later keep their defaults here.
     #[allow(clippy::needless_update)]
     let options = PushOptions {
         dry_run: args.dry_run,
+        progress: bar.enabled,
         ..PushOptions::default()
     };
-    let mut bar = Bar::new(args.progress || (!args.json && std::io::stderr().is_terminal()));
     let mode = match (&args.mountpoint, &args.state, &args.source) {
         (Some(mountpoint), None, None) => Ok(Mode::Live(mountpoint.clone())),
         (None, Some(state), Some(source)) => Ok(Mode::Offline(state.clone(), source.clone())),

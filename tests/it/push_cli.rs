@@ -205,6 +205,38 @@ fn the_control_socket_answers_garbage_with_an_error_and_the_mount_goes_on() {
     assert!(!socket.exists(), "the socket is removed at a clean stop");
 }
 
+/// Progress lines come only to a client that asks for them (counting the
+/// batch costs a stat of every file it sends).
+#[test]
+fn progress_is_reported_only_when_asked_for() {
+    let tm = TestMount::with_source(|src| {
+        for i in 0..5 {
+            std::fs::write(src.join(format!("f{i}")), vec![1u8; 1000 * (i + 1)]).unwrap();
+        }
+    });
+    let replica = tm.path("replica");
+    std::fs::create_dir(&replica).unwrap();
+    let dry_run = |progress: bool| {
+        let req = format!(
+            "{{\"push\":{{\"replica\":{},\"options\":{{\"dry_run\":true,\"progress\":{progress}}}}}}}\n",
+            serde_json::to_string(&replica).unwrap()
+        );
+        let replies = control_exchange(&tm, req.as_bytes());
+        let (done, progress): (Vec<_>, Vec<_>) =
+            replies.into_iter().partition(|r| r.get("done").is_some());
+        assert_eq!(done.len(), 1, "one report: {done:?}");
+        progress
+    };
+    let silent = dry_run(false);
+    assert!(silent.is_empty(), "progress nobody asked for: {silent:?}");
+    let shown = dry_run(true);
+    let last = &shown.last().expect("progress lines")["progress"];
+    assert_eq!(last["files_total"], 5, "{shown:?}");
+    assert_eq!(last["files_done"], 5, "{shown:?}");
+    assert_eq!(last["bytes_total"], 15_000, "{shown:?}");
+    assert_eq!(last["bytes_done"], 15_000, "{shown:?}");
+}
+
 /// Needs the push engine (`replicator::push::push`).
 #[test]
 fn push_through_socket_and_offline() {

@@ -225,6 +225,7 @@ fn push_to(
             partial: partial.as_ref(),
             live: !opts.dry_run,
             compress: destination.compress(),
+            progress: opts.progress,
         };
         let attempt = if opts.dry_run {
             dry_run(&plan, header.clone(), progress)

@@ -81,6 +81,8 @@ pub(super) struct Plan<'a> {
     pub live: bool,
     /// zstd-compress content where it pays (for transports that carry it).
     pub compress: bool,
+    /// Count the batch's content and report progress against it.
+    pub progress: bool,
 }
 
 /// What writing the batch did.
@@ -277,17 +279,20 @@ impl Plan<'_> {
             let _stop_reading_ahead = read_ahead.stopping();
             // The progress totals take a stat of every file the batch sends
             // (a fifth of a second for 100,000 files): counted beside the
-            // sending, not before it.
-            let (totals_tx, totals) = std::sync::mpsc::sync_channel(1);
-            let inline = totals_tx.clone();
-            let counting = std::thread::Builder::new()
-                .name("ferry-count".into())
-                .spawn_scoped(scope, move || {
-                    let _ = totals_tx.send(self.content_totals());
-                });
-            if counting.is_err() {
-                let _ = inline.send(self.content_totals());
-            }
+            // sending, not before it, and only when someone looks.
+            let totals = self.progress.then(|| {
+                let (totals_tx, totals) = std::sync::mpsc::sync_channel(1);
+                let inline = totals_tx.clone();
+                let counting = std::thread::Builder::new()
+                    .name("ferry-count".into())
+                    .spawn_scoped(scope, move || {
+                        let _ = totals_tx.send(self.content_totals());
+                    });
+                if counting.is_err() {
+                    let _ = inline.send(self.content_totals());
+                }
+                totals
+            });
             let mut w = Writing {
                 plan: self,
                 out,
@@ -295,7 +300,7 @@ impl Plan<'_> {
                 done: Written::default(),
                 progress: Progress::default(),
                 report: progress,
-                totals: Some(totals),
+                totals,
                 touched_parents: BTreeSet::new(),
                 full_metadata: HashSet::new(),
                 metadata_sent: HashSet::new(),
@@ -378,7 +383,8 @@ struct Writing<'p, 'o, S: OpSink> {
     done: Written,
     progress: Progress,
     report: &'o mut dyn FnMut(Progress),
-    /// The progress totals, while they are being counted.
+    /// The progress totals, while they are being counted (none when
+    /// progress is not reported: see `file_done`).
     totals: Option<std::sync::mpsc::Receiver<(u64, u64)>>,
     /// Directories whose entries the replica changes beyond what the
     /// changeset says (a file installed anew by rename): their times are
@@ -439,7 +445,7 @@ impl<S: OpSink> Writing<'_, '_, S> {
         self.progress.files_done += 1;
         self.progress.bytes_done += bytes;
         // Nothing to show against until the totals are in.
-        if self.totals.is_none() {
+        if self.plan.progress && self.totals.is_none() {
             (self.report)(self.progress);
         }
     }

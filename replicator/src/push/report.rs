@@ -4,10 +4,15 @@ use serde::{Deserialize, Serialize};
 
 /// How to push.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PushOptions {
     /// Plan the batch and count it, but change nothing on the replica and
     /// record nothing in the journal.
     pub dry_run: bool,
+    /// Report [`Progress`]: the files and bytes the batch sends are
+    /// counted (a stat of each, beside the sending) and reported as they go.
+    /// Without it nothing is counted and no progress is reported.
+    pub progress: bool,
 }
 
 /// Where a push stands, for a progress bar. Sent after planning and then as
