@@ -487,6 +487,10 @@ impl<S: OpSink> Writing<'_, '_, S> {
         path: &RelPath,
         replaced: Option<FileId>,
     ) -> Result<(), PushError> {
+        if kind == FileKind::File {
+            // Located, opened and stat'ed once, through its descriptor.
+            return self.create_file(id, path, replaced);
+        }
         let located = self.plan.journal.locate(id);
         let md = match &located {
             Some((src, key)) => self
@@ -498,7 +502,7 @@ impl<S: OpSink> Writing<'_, '_, S> {
         };
         let mode = md.as_ref().map_or(0o700, perm);
         let op = match kind {
-            FileKind::File => return self.create_file(id, path, replaced),
+            FileKind::File => unreachable!("regular files are created above"),
             FileKind::Dir => Op::Mkdir {
                 path: path.clone(),
                 mode,
