@@ -91,14 +91,29 @@ fn subtree(leaves: &[ChainingValue], len: u64) -> ChainingValue {
 }
 
 impl ContentTree {
-    /// The tree of `data`.
+    /// The tree of `data`, hashed where it lies (a push summarizes every
+    /// small file it sends this way).
     pub fn of_bytes(data: &[u8]) -> ContentTree {
-        ContentTree::build(data.len() as u64, |i, buf| {
-            let (start, len) = leaf_span(i, data.len() as u64);
-            buf.copy_from_slice(&data[start as usize..start as usize + len]);
-            Ok(())
-        })
-        .expect("reading memory cannot fail")
+        let size = data.len() as u64;
+        if size <= LEAF {
+            return ContentTree {
+                size,
+                root: Hash::of(data),
+                leaves: Vec::new(),
+            };
+        }
+        let leaves = data
+            .chunks(LEAF as usize)
+            .zip(0..)
+            .map(|(leaf, i)| leaf_cv(i, leaf))
+            .collect();
+        let mut tree = ContentTree {
+            size,
+            root: Hash::of(&[]),
+            leaves,
+        };
+        tree.root = tree.merged_root();
+        tree
     }
 
     /// The tree of content of `size` bytes whose leaf `i` `read_leaf(i, buf)`
