@@ -144,6 +144,10 @@ pub struct Staged {
 }
 
 /// The streamed file being received (`BeginFile` .. `EndFile`).
+/// The times a batch gives a staged non-directory, and its kind.
+#[derive(Clone, Copy)]
+struct StagedTimes(Kind, Timestamp, Timestamp);
+
 struct Streamed {
     file: File,
     content: Hashed,
@@ -204,11 +208,16 @@ pub struct Stager<'a> {
     staged: u64,
     /// Staged files written and not yet durable.
     to_sync: PendingSync,
-    /// Times of staged non-directories, set at the end of staging in the
-    /// order the entries were made: mostly the order of their inodes, whose
-    /// blocks the filesystem then journals once each (a seed's 100,000
-    /// files took half the time of hash order).
-    staged_times: BTreeMap<u32, (Kind, Timestamp, Timestamp)>,
+    /// Times of staged non-directories not set yet, by staged id: set in
+    /// the order the entries were made (mostly the order of their inodes,
+    /// whose blocks the filesystem then journals once each: a seed's
+    /// 100,000 files took half the time of hash order), as soon as nothing
+    /// writes to the first of them any more (`set_times_of_written`), the
+    /// rest at the end of staging.
+    staged_times: BTreeMap<u32, StagedTimes>,
+    /// Times set before the end of staging, by staged id: a later write to
+    /// the file moves them, and puts them back in `staged_times`.
+    times_set: HashMap<u32, StagedTimes>,
     warnings: Vec<String>,
     /// Zeros hashed so far for holes and growth, and the most the batch
     /// may make it hash (`ApplyOptions::max_zeros`).
@@ -300,6 +309,7 @@ impl<'a> Stager<'a> {
             staged_trees: HashMap::new(),
             to_sync: PendingSync::default(),
             staged_times: BTreeMap::new(),
+            times_set: HashMap::new(),
             nested: HashMap::new(),
             staged_owners: HashMap::new(),
             created: 0,
@@ -335,7 +345,13 @@ impl<'a> Stager<'a> {
     }
 
     /// Opens the staged file numbered `id` (staged files are named by number).
-    fn open_staged(&self, id: u32, access: OFlag) -> Result<File, ApplyError> {
+    /// Opens staged entry `id`. What is done through the descriptor may
+    /// move the entry's times (a read its atime, a write its mtime): any
+    /// the batch already set on it are set again at the end of staging.
+    fn open_staged(&mut self, id: u32, access: OFlag) -> Result<File, ApplyError> {
+        if let Some(times) = self.times_set.remove(&id) {
+            self.staged_times.insert(id, times);
+        }
         let name = self.location(id);
         openat(
             self.staging,
@@ -368,7 +384,7 @@ impl<'a> Stager<'a> {
             self.keep_complete();
             return Err(e);
         }
-        for (id, (kind, a, m)) in std::mem::take(&mut self.staged_times) {
+        for (id, StagedTimes(kind, a, m)) in std::mem::take(&mut self.staged_times) {
             self.set_staged_meta(id, kind, &Meta::Utimes(a, m));
         }
         Ok(Staged {
@@ -948,7 +964,28 @@ impl<'a> Stager<'a> {
             path,
         };
         let writer = self.writer.as_mut().expect("checked above");
-        writer.hand(job, &mut self.staged_trees)
+        writer.hand(job, &mut self.staged_trees)?;
+        self.set_times_of_written();
+        Ok(())
+    }
+
+    /// Sets the times waiting for the first staged entries, in the order
+    /// they were made, up to the first one something may still write to
+    /// (the writer holds it, or it is being streamed): a seed's times are
+    /// set while its content still arrives, not in a loop after it.
+    fn set_times_of_written(&mut self) {
+        while let Some(first) = self.staged_times.first_entry() {
+            let id = *first.key();
+            let writing = self.writer.as_ref().is_some_and(|w| w.holds(id))
+                || self.streamed.as_ref().is_some_and(|s| s.id == id);
+            if writing {
+                return;
+            }
+            let times = first.remove();
+            let StagedTimes(kind, a, m) = times;
+            self.set_staged_meta(id, kind, &Meta::Utimes(a, m));
+            self.times_set.insert(id, times);
+        }
     }
 
     /// Waits for every file handed to the writer, collecting their trees.
@@ -1227,7 +1264,8 @@ impl<'a> Stager<'a> {
             match meta {
                 Meta::Utimes(..) if kind == Kind::Dir => {}
                 Meta::Utimes(a, m) => {
-                    self.staged_times.insert(id, (kind, a, m));
+                    self.times_set.remove(&id);
+                    self.staged_times.insert(id, StagedTimes(kind, a, m));
                     return Ok(());
                 }
                 // Made by us, it may have that owner already.

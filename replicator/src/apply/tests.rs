@@ -1631,6 +1631,52 @@ fn a_handed_file_that_fails_is_reported_before_a_later_failure() {
     assert_eq!(fs::read_dir(f.state().join("kept")).unwrap().count(), 100);
 }
 
+/// Times are set on staged files while the batch still arrives, once
+/// nothing writes to them; a later write to such a file moves its times,
+/// and the batch's times are set on it again.
+#[test]
+fn times_set_early_are_set_again_after_a_later_write() {
+    let f = Fixture::new();
+    let t = |i: usize| Timestamp {
+        sec: 1_600_000_000 + i as i64,
+        nsec: 0,
+    };
+    let mut ops = many_files(50, |i| {
+        vec![Op::Utimes {
+            path: p(&format!("f{i}")),
+            atime: t(i),
+            mtime: t(i),
+        }]
+    });
+    let f0 = b"file 0".to_vec();
+    ops.extend([
+        // Waits for the writer, so the next file's handing sets every
+        // waiting time.
+        Op::Truncate {
+            path: p("f1"),
+            size: 0,
+        },
+        create("last", 0o644, Content::Raw(b"last".to_vec())),
+        Op::WriteRanges {
+            path: p("f0"),
+            ranges: vec![WriteRange {
+                offset: 0,
+                data: b"F".to_vec(),
+            }],
+            base: Hash::of(&f0),
+            result: Hash::of(b"File 0"),
+        },
+    ]);
+    f.apply(&batch_bytes(0, 1, &ops)).expect("apply");
+    for i in 0..50 {
+        let m = fs::metadata(f.replica.join(format!("f{i}"))).unwrap();
+        assert_eq!((m.mtime(), m.atime()), (t(i).sec, t(i).sec), "f{i}");
+    }
+    // Read last: a read moves the atime.
+    assert_eq!(fs::read(f.replica.join("f0")).unwrap(), b"File 0");
+    assert_eq!(fs::metadata(f.replica.join("f1")).unwrap().len(), 0);
+}
+
 /// A mode the batch sets on a handed file comes after the one it was
 /// created with, as in batch order.
 #[test]
