@@ -23,7 +23,8 @@
 //! the client opens a new one. Continuous pushes over ssh so pay ssh's
 //! connection setup once.
 //!
-//! and gets back JSON lines: `{"progress":{...}}` zero or more times, then
+//! and gets back JSON lines: `{"progress":{...}}` zero or more times (only
+//! when its options ask for `progress`), then
 //! exactly one `{"done":{...PushReport...}}`, `{"error":"message"}` or
 //! `"not_kept"`; then
 //! the server closes the connection. A client that goes away mid-push does

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-// glibc's allocator cost a push of small files a tenth of its CPU:
+// glibc's allocator cost a push of small files about 8% of its CPU:
 // `malloc_consolidate` on every mid-sized request, and heap trims whose pages
 // the next file's buffers fault back in (docs/BENCHMARKS.md, session 10).
 #[global_allocator]

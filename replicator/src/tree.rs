@@ -350,6 +350,21 @@ mod tests {
     }
 
     #[test]
+    fn of_bytes_matches_a_tree_built_from_leaves() {
+        let l = LEAF as usize;
+        for len in [0, 1, l - 1, l, l + 1, 2 * l, 5 * l + 77] {
+            let d = data(len, 5);
+            let built = ContentTree::build(len as u64, |i, buf| {
+                let (start, n) = leaf_span(i, len as u64);
+                buf.copy_from_slice(&d[start as usize..start as usize + n]);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(ContentTree::of_bytes(&d), built, "len {len}");
+        }
+    }
+
+    #[test]
     fn from_bytes_refuses_wrong_lengths() {
         let t = ContentTree::of_bytes(&data(3 * LEAF as usize, 1));
         let b = t.to_bytes();

@@ -143,11 +143,11 @@ pub struct Staged {
     pub warnings: Vec<String>,
 }
 
-/// The streamed file being received (`BeginFile` .. `EndFile`).
 /// The times a batch gives a staged non-directory, and its kind.
 #[derive(Clone, Copy)]
 struct StagedTimes(Kind, Timestamp, Timestamp);
 
+/// The streamed file being received (`BeginFile` .. `EndFile`).
 struct Streamed {
     file: File,
     content: Hashed,
@@ -344,7 +344,6 @@ impl<'a> Stager<'a> {
         self.err(format!("{what}: {}", describe(e)))
     }
 
-    /// Opens the staged file numbered `id` (staged files are named by number).
     /// Opens staged entry `id`. What is done through the descriptor may
     /// move the entry's times (a read its atime, a write its mtime): any
     /// the batch already set on it are set again at the end of staging.
@@ -969,16 +968,16 @@ impl<'a> Stager<'a> {
         Ok(())
     }
 
-    /// Sets the times waiting for the first staged entries, in the order
-    /// they were made, up to the first one something may still write to
-    /// (the writer holds it, or it is being streamed): a seed's times are
-    /// set while its content still arrives, not in a loop after it.
+    /// After a file was handed to the writer: sets the times waiting for
+    /// the first staged entries, in the order they were made, up to the
+    /// first one the writer still holds. A seed's times are set while its
+    /// content still arrives, not in a loop after it. (A streamed file has
+    /// no times to wait for before its `EndFile`: only then is it in the
+    /// model, where a `Utimes` can name it.)
     fn set_times_of_written(&mut self) {
         while let Some(first) = self.staged_times.first_entry() {
             let id = *first.key();
-            let writing = self.writer.as_ref().is_some_and(|w| w.holds(id))
-                || self.streamed.as_ref().is_some_and(|s| s.id == id);
-            if writing {
+            if self.writer.as_ref().is_some_and(|w| w.holds(id)) {
                 return;
             }
             let times = first.remove();
@@ -1257,10 +1256,10 @@ impl<'a> Stager<'a> {
             && !self.takes_meta_at_commit.contains(&id)
         {
             // Not visible yet: set on the staged entry now, and its install
-            // carries it, saving a commit step per new file. Times wait
-            // for the end of staging (a later write to the file would move
-            // them), and a directory's for the commit (installs into it
-            // move them).
+            // carries it, saving a commit step per new file. A file's times
+            // wait until nothing writes to it (`set_times_of_written`, or
+            // the end of staging), and a directory's for the commit
+            // (installs into it move them).
             match meta {
                 Meta::Utimes(..) if kind == Kind::Dir => {}
                 Meta::Utimes(a, m) => {

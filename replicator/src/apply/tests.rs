@@ -1632,8 +1632,9 @@ fn a_handed_file_that_fails_is_reported_before_a_later_failure() {
 }
 
 /// Times are set on staged files while the batch still arrives, once
-/// nothing writes to them; a later write to such a file moves its times,
-/// and the batch's times are set on it again.
+/// nothing writes to them; a later write (mtime) or read (atime) of such
+/// a file moves its times, and the batch's times are set on it again, as
+/// are times the batch gives it a second time.
 #[test]
 fn times_set_early_are_set_again_after_a_later_write() {
     let f = Fixture::new();
@@ -1649,6 +1650,7 @@ fn times_set_early_are_set_again_after_a_later_write() {
         }]
     });
     let f0 = b"file 0".to_vec();
+    let f2 = b"file 2".repeat(3);
     ops.extend([
         // Waits for the writer, so the next file's handing sets every
         // waiting time.
@@ -1666,13 +1668,31 @@ fn times_set_early_are_set_again_after_a_later_write() {
             base: Hash::of(&f0),
             result: Hash::of(b"File 0"),
         },
+        // f2 is read as a delta's basis.
+        Op::CreateFromDelta {
+            path: p("from-f2"),
+            basis: p("f2"),
+            base: Hash::of(&f2),
+            delta: delta(&f2, b"new"),
+            mode: 0o644,
+            result: Hash::of(b"new"),
+        },
+        Op::Utimes {
+            path: p("f3"),
+            atime: t(100),
+            mtime: t(100),
+        },
     ]);
     f.apply(&batch_bytes(0, 1, &ops)).expect("apply");
-    for i in 0..50 {
-        let m = fs::metadata(f.replica.join(format!("f{i}"))).unwrap();
-        assert_eq!((m.mtime(), m.atime()), (t(i).sec, t(i).sec), "f{i}");
+    let times = |name: &str| {
+        let m = fs::metadata(f.replica.join(name)).unwrap();
+        (m.mtime(), m.atime())
+    };
+    for i in (0..50).filter(|i| *i != 3) {
+        assert_eq!(times(&format!("f{i}")), (t(i).sec, t(i).sec), "f{i}");
     }
-    // Read last: a read moves the atime.
+    assert_eq!(times("f3"), (t(100).sec, t(100).sec));
+    // Read last, as reads move atimes.
     assert_eq!(fs::read(f.replica.join("f0")).unwrap(), b"File 0");
     assert_eq!(fs::metadata(f.replica.join("f1")).unwrap().len(), 0);
 }

@@ -251,8 +251,8 @@ impl<R: Read> BatchReader<R> {
     }
 
     /// Reads the frame at `self.offset` into `self.buf` (payload only),
-    /// checks its length limit and checksum, feeds it to the trailer hash,
-    /// and advances `self.offset`.
+    /// checks its length limit and checksum, feeds it (unless it is the
+    /// trailer) to the trailer hash, and advances `self.offset`.
     fn read_frame(&mut self, part: Part) -> Result<FrameKind, BatchError> {
         let at = self.offset;
         let err = |kind: BatchErrorKind| BatchError::new(at, part, kind);
