@@ -464,8 +464,10 @@ fn status_describes_the_mount_and_its_journal() {
     f.write_all_at(b"b", 0).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    let st = tm.status();
+    // The log first: records the mount still appends (the close's) only
+    // raise the last sequence number status reads after it.
     let log = tm.log_via_mount();
+    let st = tm.status();
     assert_eq!(st["mounted"], Value::Bool(true), "{st}");
     assert_eq!(st["pid"].as_i64(), Some(tm.pid() as i64), "{st}");
     assert_eq!(
