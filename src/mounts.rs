@@ -4,18 +4,21 @@
 //! directory of any live (or dead, after kill -9) mount is found from its
 //! mountpoint alone.
 
+use std::ffi::OsString;
 use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::Context;
 
 pub const FSNAME_PREFIX: &str = "ferry:";
 
+/// One line of mountinfo; paths byte for byte (they need not be UTF-8).
 #[derive(Debug, Clone)]
 pub struct MountEntry {
     pub mountpoint: PathBuf,
     pub fstype: String,
-    pub source: String,
+    pub source: OsString,
 }
 
 impl MountEntry {
@@ -24,14 +27,16 @@ impl MountEntry {
         // The direct mount(2) path of fuser does not apply the subtype, so
         // the type may be plain "fuse"; the source prefix is what names ferry.
         let fuse = self.fstype == "fuse" || self.fstype == "fuse.ferry";
-        fuse.then(|| self.source.strip_prefix(FSNAME_PREFIX).map(PathBuf::from))
-            .flatten()
+        let state = self
+            .source
+            .as_bytes()
+            .strip_prefix(FSNAME_PREFIX.as_bytes())?;
+        fuse.then(|| PathBuf::from(OsString::from_vec(state.to_vec())))
     }
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
+fn unescape(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -49,29 +54,32 @@ fn unescape(field: &str) -> String {
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
-fn parse(text: &str) -> Vec<MountEntry> {
-    text.lines()
+/// The entries of mountinfo's `text` (proc(5): the mount point is field 5;
+/// the filesystem type and source follow ` - `). Taken as bytes: a path
+/// that is not UTF-8 anywhere on the system must not hide the others.
+fn parse(text: &[u8]) -> Vec<MountEntry> {
+    text.split(|b| *b == b'\n')
         .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mountpoint = left.split(' ').nth(4)?;
-            let mut right = right.split(' ');
+            let dash = line.windows(3).position(|w| w == b" - ")?;
+            let (left, right) = (&line[..dash], &line[dash + 3..]);
+            let mountpoint = left.split(|b| *b == b' ').nth(4)?;
+            let mut right = right.split(|b| *b == b' ');
             let fstype = right.next()?;
             let source = right.next()?;
             Some(MountEntry {
-                mountpoint: PathBuf::from(unescape(mountpoint)),
-                fstype: unescape(fstype),
-                source: unescape(source),
+                mountpoint: PathBuf::from(OsString::from_vec(unescape(mountpoint))),
+                fstype: String::from_utf8_lossy(&unescape(fstype)).into_owned(),
+                source: OsString::from_vec(unescape(source)),
             })
         })
         .collect()
 }
 
 pub fn all() -> anyhow::Result<Vec<MountEntry>> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let text = std::fs::read("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     Ok(parse(&text))
 }
 
@@ -110,10 +118,27 @@ mod tests {
     fn parses_mountinfo_with_escaped_fields() {
         let text = "36 35 98:0 / /mnt/a\\040b rw - fuse.ferry ferry:/var/lib/st\\040x rw\n\
                     37 35 98:0 / /proc rw - proc proc rw\n";
-        let m = parse(text);
+        let m = parse(text.as_bytes());
         assert_eq!(m.len(), 2);
         assert_eq!(m[0].mountpoint, PathBuf::from("/mnt/a b"));
         assert_eq!(m[0].ferry_state(), Some(PathBuf::from("/var/lib/st x")));
         assert_eq!(m[1].ferry_state(), None);
+    }
+
+    #[test]
+    fn paths_that_are_not_utf8_are_kept_byte_for_byte() {
+        let m = parse(
+            b"36 35 98:0 / /mnt/\\377x rw - fuse ferry:/st/\\376 rw\n\
+                        37 35 98:1 / /mnt/\xfe rw - ext4 /dev/vdb rw\n",
+        );
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mountpoint.as_os_str().as_bytes(), b"/mnt/\xffx");
+        assert_eq!(
+            m[0].ferry_state().unwrap().as_os_str().as_bytes(),
+            b"/st/\xfe"
+        );
+        // The kernel escapes only space, tab, newline and backslash: other
+        // bytes come as they are.
+        assert_eq!(m[1].mountpoint.as_os_str().as_bytes(), b"/mnt/\xfe");
     }
 }

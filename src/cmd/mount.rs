@@ -86,7 +86,7 @@ fn validate(args: &MountArgs) -> anyhow::Result<Plan> {
             bail!(
                 "MOUNTPOINT {} is in use: {} ({}) is mounted there",
                 mountpoint.display(),
-                existing.source,
+                existing.source.display(),
                 existing.fstype
             );
         }

@@ -323,7 +323,7 @@ impl MountControl {
                 "{} is not a ferry mount (it is {} from {})",
                 resolved.display(),
                 entry.fstype,
-                entry.source
+                entry.source.display()
             )
         })?;
         Ok(MountControl {

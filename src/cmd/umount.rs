@@ -27,7 +27,7 @@ pub fn run(args: UmountArgs) -> anyhow::Result<()> {
             "{} is not a ferry mount (it is {} from {})",
             mountpoint.display(),
             entry.fstype,
-            entry.source
+            entry.source.display()
         )
     })?;
     match mount_pid(&state).filter(|&pid| is_mount_process(pid, &mountpoint)) {

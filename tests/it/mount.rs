@@ -804,3 +804,21 @@ fn requests_are_served_while_every_cpu_is_busy() {
     assert_eq!(served, 2000, "lookups served in 60 s beside busy loops");
     tm.umount();
 }
+
+/// mountinfo holds paths byte for byte: a mountpoint whose name is not
+/// UTF-8 is found by `status` and `umount` (which once failed to read
+/// mountinfo at all while such a mount existed anywhere).
+#[test]
+fn a_mountpoint_whose_name_is_not_utf8_is_found() {
+    use std::os::unix::ffi::OsStrExt;
+    let mut tm = TestMount::unmounted();
+    let odd = tm.path("").join(OsStr::from_bytes(b"mnt-\xff"));
+    std::fs::create_dir(&odd).expect("mkdir the mountpoint");
+    tm.mnt = odd;
+    tm.mount();
+    std::fs::write(tm.mnt.join("f"), b"x").expect("write through the mount");
+    let st = tm.status();
+    assert_eq!(st["mounted"], Value::Bool(true), "{st}");
+    assert_eq!(st["pid"].as_i64(), Some(tm.pid() as i64), "{st}");
+    tm.umount();
+}

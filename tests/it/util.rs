@@ -91,9 +91,9 @@ pub fn assert_one_line_error(out: &Output, what: &str) {
     );
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(field: &str) -> PathBuf {
-    let b = field.as_bytes();
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`; other
+/// bytes (a name that is not UTF-8) come as they are.
+fn unescape(b: &[u8]) -> PathBuf {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
@@ -113,19 +113,20 @@ fn unescape(field: &str) -> PathBuf {
 
 /// The (fstype, source) of every mount at exactly `path`, oldest first.
 pub fn mounts_at(path: &Path) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    let text = std::fs::read("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    let field = |f: &[u8]| String::from_utf8_lossy(f).into_owned();
     let mut found = Vec::new();
-    for line in text.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
+    for line in text.split(|b| *b == b'\n') {
+        let Some(dash) = line.windows(3).position(|w| w == b" - ") else {
             continue;
         };
-        let Some(mp) = left.split(' ').nth(4) else {
+        let Some(mp) = line[..dash].split(|b| *b == b' ').nth(4) else {
             continue;
         };
         if unescape(mp) == path {
-            let mut r = right.split(' ');
-            let fstype = r.next().unwrap_or("").to_string();
-            let source = r.next().unwrap_or("").to_string();
+            let mut r = line[dash + 3..].split(|b| *b == b' ');
+            let fstype = field(r.next().unwrap_or_default());
+            let source = field(r.next().unwrap_or_default());
             found.push((fstype, source));
         }
     }

@@ -34,7 +34,9 @@ pub fn abort_connection(id: u32) -> io::Result<()> {
 /// would itself be a request to the connection. A detached mount is no
 /// longer listed: ask before detaching.
 pub(crate) fn connection_at(mountpoint: &Path) -> io::Result<u32> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Bytes: a path that is not UTF-8 anywhere on the system must not hide
+    // this mount.
+    let mounts = std::fs::read("/proc/self/mountinfo")?;
     connection_in(&mounts, mountpoint).ok_or_else(|| {
         io::Error::other(format!(
             "no FUSE mount at {} in /proc/self/mountinfo",
@@ -47,25 +49,26 @@ pub(crate) fn connection_at(mountpoint: &Path) -> io::Result<u32> {
 /// (proc(5)'s format: the device is field 3, the mount point field 5,
 /// octal-escaped; the filesystem type follows ` - `). fusectl names a
 /// connection by the kernel's internal encoding of its device number.
-fn connection_in(mountinfo: &str, mountpoint: &Path) -> Option<u32> {
-    mountinfo.lines().rev().find_map(|line| {
-        let (fields, after) = line.split_once(" - ")?;
-        let fields: Vec<&str> = fields.split(' ').collect();
-        let fs_type = after.split(' ').next()?;
-        let is_fuse = fs_type == "fuse" || fs_type.starts_with("fuse.");
+fn connection_in(mountinfo: &[u8], mountpoint: &Path) -> Option<u32> {
+    mountinfo.split(|b| *b == b'\n').rev().find_map(|line| {
+        let dash = line.windows(3).position(|w| w == b" - ")?;
+        let (fields, after) = (&line[..dash], &line[dash + 3..]);
+        let fields: Vec<&[u8]> = fields.split(|b| *b == b' ').collect();
+        let fs_type = after.split(|b| *b == b' ').next()?;
+        let is_fuse = fs_type == b"fuse" || fs_type.starts_with(b"fuse.");
         let here = unescape_octal(fields.get(4)?) == mountpoint.as_os_str().as_bytes();
         if !(is_fuse && here) {
             return None;
         }
-        let (major, minor) = fields.get(2)?.split_once(':')?;
+        let device = std::str::from_utf8(fields.get(2)?).ok()?;
+        let (major, minor) = device.split_once(':')?;
         let (major, minor) = (major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?);
         Some((major << 20) | minor)
     })
 }
 
 /// Undoes mountinfo's escapes (`\040` for a space, and so on).
-fn unescape_octal(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
+fn unescape_octal(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -105,21 +108,44 @@ mod tests {
 
     #[test]
     fn a_connection_is_the_device_of_the_fuse_mount_there() {
-        assert_eq!(connection_in(MOUNTINFO, Path::new("/mnt/a b")), Some(47));
+        assert_eq!(
+            connection_in(MOUNTINFO.as_bytes(), Path::new("/mnt/a b")),
+            Some(47)
+        );
         // Mounted over: the last mount there is the one in use.
-        assert_eq!(connection_in(MOUNTINFO, Path::new("/mnt/x")), Some(50));
+        assert_eq!(
+            connection_in(MOUNTINFO.as_bytes(), Path::new("/mnt/x")),
+            Some(50)
+        );
         // The kernel's encoding: major above the 20 bits of the minor.
         assert_eq!(
-            connection_in(MOUNTINFO, Path::new("/mnt/y")),
+            connection_in(MOUNTINFO.as_bytes(), Path::new("/mnt/y")),
             Some((2 << 20) | 3)
         );
     }
 
     #[test]
+    fn a_path_that_is_not_utf8_is_matched_byte_for_byte() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let mut mountinfo = MOUNTINFO.as_bytes().to_vec();
+        mountinfo.extend_from_slice(b"57 22 0:51 / /mnt/\xff rw,relatime - fuse /s rw\n");
+        let odd = Path::new(OsStr::from_bytes(b"/mnt/\xff"));
+        assert_eq!(connection_in(&mountinfo, odd), Some(51));
+        assert_eq!(connection_in(&mountinfo, Path::new("/mnt/a b")), Some(47));
+    }
+
+    #[test]
     fn other_filesystems_and_other_places_are_no_connection() {
-        assert_eq!(connection_in(MOUNTINFO, Path::new("/mnt/plain")), None);
-        assert_eq!(connection_in(MOUNTINFO, Path::new("/mnt/a\\040b")), None);
-        assert_eq!(connection_in(MOUNTINFO, Path::new("/mnt")), None);
-        assert_eq!(connection_in("garbage\n\n", Path::new("/")), None);
+        assert_eq!(
+            connection_in(MOUNTINFO.as_bytes(), Path::new("/mnt/plain")),
+            None
+        );
+        assert_eq!(
+            connection_in(MOUNTINFO.as_bytes(), Path::new("/mnt/a\\040b")),
+            None
+        );
+        assert_eq!(connection_in(MOUNTINFO.as_bytes(), Path::new("/mnt")), None);
+        assert_eq!(connection_in(b"garbage\n\n", Path::new("/")), None);
     }
 }
